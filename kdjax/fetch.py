@@ -1,0 +1,72 @@
+"""Checksummed downloads with a progress bar, and a clear stop when there is no network.
+
+Shared by the weight fetcher and the dataset builder. A download goes to ``<dest>.part`` and is
+renamed only after its SHA-256 matched, so an interrupted or corrupted transfer never leaves a
+file that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import sys
+import urllib.error
+import urllib.request
+
+from tqdm import tqdm
+
+_CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or did not match its checksum; the message says what to do."""
+
+
+def sha256_file(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: os.PathLike, sha256: str) -> None:
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise DownloadError(
+            f"{path}: SHA-256 is {actual}, expected {sha256}. The file is corrupt or not the "
+            "published one; delete it and fetch it again."
+        )
+
+
+def download(url: str, dest: os.PathLike, sha256: str, *, timeout: float = 30.0) -> pathlib.Path:
+    """Fetch ``url`` to ``dest`` unless a file with the right checksum is already there."""
+    dest = pathlib.Path(dest)
+    if dest.exists():
+        verify_sha256(dest, sha256)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr
+            ) as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"could not download {url} ({err}). If this machine is offline, download that URL "
+            f"elsewhere and place the file at {dest} (SHA-256 {sha256}); it is verified on use."
+        ) from err
+    try:
+        verify_sha256(part, sha256)
+    except DownloadError:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+    return dest

@@ -1,0 +1,218 @@
+"""torchvision's ResNet-18 and ResNet-50 (v1.5) in flax.linen, NHWC.
+
+Module and parameter names mirror torchvision's state_dict keys (``layer1.0.conv1.weight`` is
+``params/layer1_0/conv1/kernel``) so that weight conversion is a renaming plus a transpose, and
+every padding is explicit because flax's ``'SAME'`` pads asymmetrically for stride 2 and then
+no longer computes torchvision's function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu) and Linear
+# layers with kaiming_uniform_(a=sqrt(5)) (= U(+-1/sqrt(fan_in))) for the weight and the same
+# bound for the bias. Matching the distributions makes ``--init scratch`` runs comparable with
+# scratch runs of the PyTorch reference.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _dense_bias_init(fan_in: int) -> Callable:
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last axis, with an optional per-example mask.
+
+    Differences from ``flax.linen.BatchNorm`` that matter for parity with PyTorch:
+    the running variance is updated with the *unbiased* batch variance (times n/(n-1)), as
+    torch does, while the batch itself is normalised with the biased one. Statistics are always
+    reduced in float32, whatever the compute dtype. ``mask`` (shape ``[batch]``) excludes padded
+    examples from the batch statistics, so a padded last batch behaves like torch's smaller
+    last batch. Under ``jax.jit`` with a batch sharded over devices the reductions are global:
+    no ``axis_name`` is needed.
+
+    ``momentum`` follows flax's convention: ``running = momentum * running + (1 - momentum) *
+    batch``; flax's 0.9 is torch's ``momentum=0.1``.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            per_example = 1
+            for d in x.shape[1:-1]:
+                per_example *= d
+            if mask is None:
+                count = jnp.float32(x.shape[0] * per_example)
+                mean = jnp.mean(xf, axes)
+                var = jnp.mean(jnp.square(xf - mean), axes)
+            else:
+                m = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+                count = jnp.maximum(jnp.sum(m) * per_example, 1.0)
+                mean = jnp.sum(xf * m, axes) / count
+                var = jnp.sum(jnp.square(xf - mean) * m, axes) / count
+            if not self.is_initializing():
+                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x.astype(self.dtype) - mean.astype(self.dtype)) * inv.astype(self.dtype)
+        return y + bias.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, name: str, dtype: Dtype):
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        (stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=False,
+        kernel_init=_conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock (expansion 1)."""
+
+    features: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        bn = lambda name: BatchNorm(not train, dtype=self.dtype, name=name)  # noqa: E731
+        y = _conv(self.features, 3, self.stride, 1, "conv1", self.dtype)(x)
+        y = nn.relu(bn("bn1")(y, mask))
+        y = _conv(self.features, 3, 1, 1, "conv2", self.dtype)(y)
+        y = bn("bn2")(y, mask)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = _conv(self.features, 1, self.stride, 0, "downsample_0", self.dtype)(x)
+            x = bn("downsample_1")(x, mask)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck, v1.5: the stride sits on the 3x3 convolution."""
+
+    features: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        bn = lambda name: BatchNorm(not train, dtype=self.dtype, name=name)  # noqa: E731
+        out = self.features * self.expansion
+        y = _conv(self.features, 1, 1, 0, "conv1", self.dtype)(x)
+        y = nn.relu(bn("bn1")(y, mask))
+        y = _conv(self.features, 3, self.stride, 1, "conv2", self.dtype)(y)
+        y = nn.relu(bn("bn2")(y, mask))
+        y = _conv(out, 1, 1, 0, "conv3", self.dtype)(y)
+        y = bn("bn3")(y, mask)
+        if self.stride != 1 or x.shape[-1] != out:
+            x = _conv(out, 1, self.stride, 0, "downsample_0", self.dtype)(x)
+            x = bn("downsample_1")(x, mask)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """ResNet over NHWC float input; returns float32 logits ``[batch, num_classes]``.
+
+    ``dtype`` is the compute dtype (bfloat16 on accelerators); parameters, BatchNorm statistics,
+    the global pool and the logits stay float32. ``mask`` marks the real examples of a padded
+    batch so that train-mode BatchNorm ignores the padding.
+    """
+
+    stage_sizes: Sequence[int]
+    block: type
+    num_classes: int = 1000
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
+        x = x.astype(self.dtype)
+        x = _conv(64, 7, 2, 3, "conv1", self.dtype)(x)
+        x = nn.relu(BatchNorm(not train, dtype=self.dtype, name="bn1")(x, mask))
+        # torchvision pads the max-pool with -inf (reduce_window's init value here), not zeros.
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                x = self.block(64 * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
+                    x, train, mask
+                )
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        fan_in = x.shape[-1]
+        x = nn.Dense(
+            self.num_classes,
+            kernel_init=_dense_kernel_init,
+            bias_init=_dense_bias_init(fan_in),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="fc",
+        )(x)
+        return x.astype(jnp.float32)
+
+
+ARCHS: dict[str, tuple[Sequence[int], type]] = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), Bottleneck),
+}
+
+
+def create_model(arch: str, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
+    """The flax module for ``arch`` ('resnet18' or 'resnet50')."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    stages, block = ARCHS[arch]
+    return ResNet(stage_sizes=stages, block=block, num_classes=num_classes, dtype=dtype)
+
+
+def init_variables(model: ResNet, key: jax.Array, image_size: int = 224) -> dict:
+    """Fresh ``{'params', 'batch_stats'}`` with torchvision's initialisation distributions."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return dict(jax.jit(lambda k: model.init(k, dummy, train=False))(key))
+
+
+def abstract_variables(model: ResNet, image_size: int = 224) -> dict:
+    """Shapes and dtypes of ``init_variables`` without computing anything."""
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy))
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
