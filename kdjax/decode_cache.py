@@ -1,0 +1,200 @@
+"""Decode an ImageFolder tree once into a tensorflow-datasets (array_record) cache.
+
+``DecodedImageFolder`` is a tfds ``GeneratorBasedBuilder``; it is prepared once and read back
+with tfds' data-source API, which needs neither TensorFlow nor ``tf.data`` (tfds' own
+``ImageFolder`` builder does). Each example stores:
+
+- ``image``: the full decode (``transforms.load_rgb``), shrunk with PIL bilinear (antialiased)
+  so that its longer side is at most ``max_side``; the training crops are cut from it on the
+  device, in the coordinates of the original image (``kdjax.augment``); splits that are not
+  augmented (``CacheSpec.augment_splits``, default all but train) store a 1x1 placeholder;
+- ``eval_image``: torchvision's exact evaluation view (Resize + CenterCrop) at ``image_size``,
+  computed from the ORIGINAL full-resolution decode;
+- ``label``, ``filename`` (relative to the data folder), ``orig_size`` (h, w) and ``index``
+  (the position in torchvision's file order).
+
+Fidelity of the capped image: a RandomResizedCrop crop is cut from ``image``, so a crop that
+covers few source pixels is limited by the cache's resolution rather than the source's. With
+``max_side=512`` a crop covering 8% of a 2592x1984 photo is about 640 px wide in the source but
+about 127 px in the cache, and is then upsampled to 224 (blurrier than torchvision's view, which
+downsamples the 640 px). Crops are only affected where the source is larger than the cap (9 of
+hymenoptera's 398 files; 4 training images) and the crop holds fewer than ``image_size`` cached
+pixels; every image no larger than the cap is stored losslessly at full resolution.
+
+The cache lives in ``<cache_dir>/<key>/`` where the key digests the source tree's content
+(``tree_digest``: relative paths and file bytes), the split and extension lists, the sizes and
+``FORMAT_VERSION``: a second run with the same inputs decodes nothing, any change to a file
+prepares a new cache. Unreadable images are recorded in the cache's metadata, so the error (or,
+with ``skip_bad_images``, the warning) is the same on a warm run as on a cold one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from kdjax import transforms
+from kdjax.image_folder import FolderIndex, tree_digest
+
+# Bump when what is stored, or how it is computed, changes: it is part of every cache key.
+FORMAT_VERSION = "1.0.0"
+DEFAULT_MAX_SIDE = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What the cache stores besides the source: the eval view's size and the train image cap."""
+
+    image_size: int = 224
+    resize_size: int | None = None  # None: transforms.resize_size_for(image_size), 256 for 224
+    max_side: int = DEFAULT_MAX_SIDE
+    # splits whose training view is needed; the others store a 1x1 placeholder ``image``,
+    # which keeps hymenoptera's val split at a third of the bytes
+    augment_splits: tuple[str, ...] = ("train",)
+
+    @property
+    def eval_resize(self) -> int:
+        if self.resize_size is None:
+            return transforms.resize_size_for(self.image_size)
+        return self.resize_size
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$KDJAX_CACHE/datasets``, by default ``~/.cache/kdjax/datasets``."""
+    root = os.environ.get("KDJAX_CACHE") or os.path.join("~", ".cache", "kdjax")
+    return pathlib.Path(root).expanduser() / "datasets"
+
+
+def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str]) -> str:
+    payload = {
+        "format": FORMAT_VERSION,
+        "tree": tree_digest(index.root),
+        "splits": list(index.files),
+        "extensions": sorted(e.lower() for e in extensions),
+        "image_size": spec.image_size,
+        "resize_size": spec.eval_resize,
+        "max_side": spec.max_side,
+        "augment_splits": sorted(spec.augment_splits),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def shrink_to(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` with its longer side at most ``max_side`` (PIL bilinear, antialiased)."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    k = max_side / max(w, h)
+    return img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
+
+
+def decode_example(path: os.PathLike | str, spec: CacheSpec, train_view: bool) -> dict:
+    """The stored arrays of one image file; raises ``transforms.ImageReadError`` naming it."""
+    img = transforms.load_rgb(path)
+    w, h = img.size
+    stored = shrink_to(img, spec.max_side) if train_view else None
+    return {
+        # 1x1 placeholder where no training view is needed (tfds cannot read back a 0x0 one)
+        "image": np.zeros((1, 1, 3), np.uint8) if stored is None else np.asarray(stored, np.uint8),
+        "eval_image": transforms.eval_view(img, spec.image_size, spec.eval_resize),
+        "orig_size": np.array([h, w], np.int32),
+    }
+
+
+class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
+    """An ImageFolder tree, decoded: see the module docstring. Build it with ``prepare``."""
+
+    VERSION = tfds.core.Version(FORMAT_VERSION)
+
+    def __init__(self, *, index: FolderIndex, spec: CacheSpec, **kwargs):
+        self._index = index
+        self._spec = spec
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self._spec.image_size
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    # raw bytes (not PNG, not tfds' default int64 list): a warm load decodes nothing
+                    "image": tfds.features.Tensor(
+                        shape=(None, None, 3), dtype=np.uint8, encoding="bytes"
+                    ),
+                    "eval_image": tfds.features.Tensor(
+                        shape=(s, s, 3), dtype=np.uint8, encoding="bytes"
+                    ),
+                    "orig_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "label": tfds.features.ClassLabel(names=list(self._index.class_names)),
+                    "filename": tfds.features.Text(),
+                    "index": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            # keep torchvision's file order on disk (tfds would shuffle by key hash)
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        self.info.metadata["source"] = str(self._index.root)
+        self.info.metadata["unreadable"] = {}
+        return {split: self._generate_examples(split) for split in self._index.files}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        entries = self._index.files[split]
+        train_view = split in self._spec.augment_splits
+        unreadable: list[str] = []
+
+        def decode(entry):
+            try:
+                return decode_example(self._index.root / entry[0], self._spec, train_view)
+            except transforms.ImageReadError as err:
+                return err
+
+        # PIL releases the GIL while decoding and resizing, so threads use every core.
+        workers = min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for i, ((rel, label), arrays) in enumerate(zip(entries, pool.map(decode, entries))):
+                if isinstance(arrays, Exception):
+                    unreadable.append(str(arrays))  # "<path>: cannot read image (<reason>)"
+                    continue
+                yield i, {**arrays, "label": label, "filename": rel, "index": i}
+        self.info.metadata["unreadable"][split] = unreadable
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedCache:
+    """A prepared cache: per-split tfds data sources and what the generator recorded."""
+
+    path: pathlib.Path
+    sources: Mapping[str, object]  # split -> tfds ArrayRecordDataSource (random access)
+    unreadable: Mapping[str, tuple[str, ...]]  # split -> "<path>: <reason>" per skipped file
+    decoded: bool  # True when this call decoded the images (a cold cache)
+
+
+def prepare(
+    index: FolderIndex,
+    spec: CacheSpec,
+    cache_dir: os.PathLike | str,
+    extensions: Sequence[str],
+) -> PreparedCache:
+    """Open the cache for ``index`` under ``cache_dir``, decoding the images if it is cold."""
+    path = pathlib.Path(cache_dir).expanduser() / cache_key(index, spec, extensions)[:24]
+    builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
+    decoded = not builder.is_prepared()
+    if decoded:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP
+            )
+        )
+    unreadable = {s: tuple(v) for s, v in builder.info.metadata.get("unreadable", {}).items()}
+    return PreparedCache(path, builder.as_data_source(), unreadable, decoded)

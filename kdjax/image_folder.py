@@ -1,0 +1,151 @@
+"""Reading an ImageFolder tree (``root/split/class/image``) the way torchvision's ImageFolder does.
+
+Classes are the sorted sub-folder names of a split, files are listed in torchvision's order
+(sorted ``os.walk`` inside each class folder, links followed), and only torchvision's image
+extensions count, case-insensitively. Everything else under a split is reported, never silently
+dropped: structural problems raise ``DataError`` naming the folder, unsupported files are counted
+in a one-line notice.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import pathlib
+from typing import Mapping, Sequence
+
+from kdjax.fetch import sha256_file
+
+# torchvision.datasets.folder.IMG_EXTENSIONS; `.gif` is deliberately absent (the seed's 244).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DEFAULT_SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """The input folder is not a usable ImageFolder tree; the message says where and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderIndex:
+    """What a scan found. Paths are relative to ``root`` with ``/`` separators."""
+
+    root: pathlib.Path
+    class_names: tuple[str, ...]
+    # split -> ((relative path, label), ...) in torchvision's order
+    files: Mapping[str, tuple[tuple[str, int], ...]]
+    # files under a split that are not read: unsupported extension or not inside a class folder
+    ignored: tuple[str, ...]
+
+
+def _has_image_extension(name: str, extensions: Sequence[str]) -> bool:
+    return name.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+def _rel(path: str, root: pathlib.Path) -> str:
+    return pathlib.Path(path).relative_to(root).as_posix()
+
+
+def scan_image_folder(
+    root: os.PathLike | str,
+    splits: Sequence[str] = DEFAULT_SPLITS,
+    extensions: Sequence[str] = IMG_EXTENSIONS,
+) -> FolderIndex:
+    """List ``root``'s splits, classes and images; raise ``DataError`` on a malformed tree."""
+    root = pathlib.Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise DataError(
+            f"data folder {root} does not exist or is not a folder. Pass --data_dir pointing at "
+            f"an ImageFolder tree ({'/'.join(('<root>', splits[0], '<class>', '<image>'))}), or "
+            "omit --data_dir to download hymenoptera."
+        )
+    missing = [s for s in splits if not (root / s).is_dir()]
+    if missing:
+        present = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        raise DataError(
+            f"data folder {root} has no split folder {', '.join(repr(s) for s in missing)} "
+            f"(found folders: {present or 'none'}). Expected {', '.join(splits)} side by side, "
+            "each holding one sub-folder per class."
+        )
+
+    classes_per_split = {
+        s: sorted(e.name for e in os.scandir(root / s) if e.is_dir()) for s in splits
+    }
+    for s, classes in classes_per_split.items():
+        if not classes:
+            raise DataError(
+                f"split folder {root / s} has no class sub-folders; put each class's images in "
+                f"{root / s}/<class name>/."
+            )
+    all_classes = sorted(set().union(*classes_per_split.values()))
+    for c in all_classes:
+        lacking = [s for s in splits if c not in classes_per_split[s]]
+        if lacking:
+            having = [s for s in splits if s not in lacking]
+            raise DataError(
+                f"class folder {c!r} is in {', '.join(str(root / s) for s in having)} but not in "
+                f"{', '.join(str(root / s) for s in lacking)}; every split needs the same class "
+                "folders (labels are their sorted names). Add the missing folder or remove the "
+                "extra one."
+            )
+
+    class_to_label = {c: i for i, c in enumerate(all_classes)}
+    files: dict[str, tuple[tuple[str, int], ...]] = {}
+    ignored: list[str] = []
+    for s in splits:
+        split_dir = root / s
+        # Files lying directly in a split folder have no class: torchvision skips them silently.
+        ignored += sorted(_rel(e.path, root) for e in os.scandir(split_dir) if e.is_file())
+        entries: list[tuple[str, int]] = []
+        for c in all_classes:
+            class_dir = split_dir / c
+            found = 0
+            for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+                for fname in sorted(fnames):
+                    rel = _rel(os.path.join(dirpath, fname), root)
+                    if _has_image_extension(fname, extensions):
+                        entries.append((rel, class_to_label[c]))
+                        found += 1
+                    else:
+                        ignored.append(rel)
+            if not found:
+                raise DataError(
+                    f"class folder {class_dir} holds no image with a supported extension "
+                    f"({' '.join(extensions)}, any case); add images or remove the folder "
+                    "(from every split)."
+                )
+        files[s] = tuple(entries)
+    return FolderIndex(root, tuple(all_classes), files, tuple(ignored))
+
+
+def ignored_notice(index: FolderIndex) -> str | None:
+    """One line counting the files a scan left out, by extension, or ``None`` if there are none."""
+    if not index.ignored:
+        return None
+    by_ext = collections.Counter(
+        pathlib.PurePosixPath(p).suffix.lower() or "(no extension)" for p in index.ignored
+    )
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(by_ext.items()))
+    return (
+        f"ignored {len(index.ignored)} file(s) under {index.root} that torchvision's ImageFolder "
+        f"does not read (by extension: {kinds}; e.g. {index.ignored[0]})"
+    )
+
+
+def tree_digest(root: os.PathLike | str) -> str:
+    """SHA-256 over the sorted (relative path, SHA-256 of bytes) of every file under ``root``.
+
+    Independent of timestamps, permissions and the order the file system lists entries in, so
+    it identifies a tree's content: an added, removed, renamed or edited file changes it.
+    """
+    root = pathlib.Path(root)
+    entries = []
+    for dirpath, _, fnames in os.walk(root, followlinks=True):
+        for fname in fnames:
+            path = os.path.join(dirpath, fname)
+            entries.append((_rel(path, root), sha256_file(path)))
+    digest = hashlib.sha256()
+    for rel, sha in sorted(entries):
+        digest.update(f"{rel}\0{sha}\n".encode())
+    return digest.hexdigest()

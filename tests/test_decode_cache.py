@@ -1,0 +1,106 @@
+"""The tfds decode cache: decode once, reuse, notice changes, never import TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torchvision.transforms as T
+from PIL import Image
+
+from conftest import REPO, write_image
+from kdjax import data, decode_cache, transforms
+
+SPEC = {"train": {"ants": 3, "bees": 2}, "val": {"ants": 2, "bees": 2}}
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+    calls = []
+    real = transforms.load_rgb
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(transforms, "load_rgb", counting)
+    return calls
+
+
+def test_second_load_decodes_nothing(image_folder, tmp_path, count_decodes):
+    root = image_folder(SPEC)
+    cold = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    assert cold.decoded and len(count_decodes) == 9
+    warm = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    assert not warm.decoded and len(count_decodes) == 9
+    assert warm.cache_path == cold.cache_path
+    for split in SPEC:
+        np.testing.assert_array_equal(warm[split].eval.images, cold[split].eval.images)
+        assert warm[split].filenames == cold[split].filenames
+    np.testing.assert_array_equal(warm["train"].train.canvas, cold["train"].train.canvas)
+
+
+@pytest.mark.parametrize("change", ["edit", "add", "remove"])
+def test_a_changed_file_gives_a_new_cache(image_folder, tmp_path, count_decodes, change):
+    root = image_folder(SPEC)
+    first = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    target = root / "val" / "bees" / "bees_0.jpg"
+    if change == "edit":
+        write_image(target, size=(40, 30), seed=999)
+    elif change == "add":
+        write_image(root / "val" / "bees" / "new.jpg", seed=1000)
+    else:
+        target.unlink()
+    second = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    assert second.decoded and second.cache_path != first.cache_path
+    assert second["val"].num_examples == {"edit": 4, "add": 5, "remove": 3}[change]
+
+
+def test_sizes_are_part_of_the_key(image_folder, tmp_path):
+    root = image_folder(SPEC)
+    a = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    b = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=24)
+    c = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32, max_side=16)
+    assert len({a.cache_path, b.cache_path, c.cache_path}) == 3 and b.decoded and c.decoded
+    assert b["val"].eval.images.shape[1:] == (24, 24, 3)
+    assert max(c["train"].train.sizes.max(axis=0)) == 16  # the 40x30 images shrunk to 16x12
+
+
+def test_cache_dir_defaults_to_kdjax_cache_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDJAX_CACHE", str(tmp_path / "kc"))
+    assert decode_cache.default_cache_dir() == tmp_path / "kc" / "datasets"
+    monkeypatch.delenv("KDJAX_CACHE")
+    assert decode_cache.default_cache_dir().parts[-3:] == (".cache", "kdjax", "datasets")
+
+
+@pytest.mark.parametrize("mode,ext", [("L", "jpg"), ("CMYK", "jpg"), ("RGBA", "png"),
+                                      ("P", "png"), ("RGB", "bmp"), ("RGB", "webp")])
+def test_every_mode_becomes_torchvisions_rgb(image_folder, tmp_path, mode, ext):
+    root = image_folder({"train": {"a": 1}, "val": {"a": 1}}, size=(50, 40))
+    path = write_image(root / "val" / "a" / f"odd.{ext}", size=(50, 40), seed=5, mode=mode)
+    ds = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    i = ds["val"].filenames.index(f"val/a/odd.{ext}")
+    with open(path, "rb") as f:  # torchvision's pil_loader
+        reference = Image.open(f).convert("RGB")
+    expected = np.asarray(T.Compose([T.Resize(36), T.CenterCrop(32)])(reference))
+    np.testing.assert_array_equal(ds["val"].eval.images[i], expected)
+
+
+def test_tensorflow_is_never_imported(image_folder, tmp_path):
+    root = image_folder(SPEC)
+    code = (
+        "import sys\n"
+        "from kdjax import data\n"
+        f"ds = data.load_splits({str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, image_size=32)\n"
+        f"ds = data.load_splits({str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, image_size=32)\n"
+        "tf = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.'))\n"
+        "print('TF', tf, ds['train'].num_examples)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TF [] 5" in out.stdout
