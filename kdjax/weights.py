@@ -30,7 +30,8 @@ from kdjax.torchfile import TorchFileError, load_state_dict
 
 __all__ = [
     "IMAGENET_WEIGHTS", "PretrainedFile", "WeightMappingError", "WeightsNotFoundError",
-    "ClassNamesError", "to_flax", "fetch", "imagenet_variables", "convert", "main",
+    "ClassNamesError", "to_flax", "fetch", "imagenet_variables", "load_variables",
+    "initial_variables", "convert", "main",
 ]
 
 DEFAULT_DIR = pathlib.Path("third_party_weights")  # relative to the working directory (repo root)
@@ -234,6 +235,52 @@ def imagenet_variables(
         fan_in = variables["params"]["fc"]["kernel"].shape[0]
         variables["params"]["fc"] = _fresh_head(key, fan_in, num_classes)
     return variables
+
+
+# ----------------------------------------------------------------------------- initial weights
+
+def load_variables(path: os.PathLike, arch: str) -> tuple[dict, tuple[str, ...] | None, dict]:
+    """Variables of ``arch`` from a kdjax model directory or a PyTorch file (state_dict or whole
+    pickled module, e.g. the seed's ``resnet50_bees.pt``).
+
+    Returns ``(variables, class_names, provenance)``; ``class_names`` is None for a PyTorch file
+    (it does not record them).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        _, variables, meta = checkpoint.load_model(path, arch=arch)
+        return jax.device_get(variables), meta.class_names, {"model_dir": str(path.absolute())}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model directory or PyTorch file")
+    variables = to_flax(load_state_dict(path), arch, source=str(path))
+    return variables, None, {"source_file": str(path.absolute()), "source_sha256": sha256_file(path)}
+
+
+def initial_variables(
+    init: str, arch: str, num_classes: int, key: jax.Array, *, image_size: int = 224
+) -> tuple[dict, dict]:
+    """Starting weights for training, by the ``--init`` flag:
+
+    - ``imagenet``: torchvision's IMAGENET1K_V1 weights with a fresh head (never a silent random
+      fallback: a missing file stops with the fetch command);
+    - ``scratch``: torchvision's initialisation distributions, seeded by ``key``;
+    - a model directory or PyTorch file of ``arch``; its head must have ``num_classes`` outputs.
+
+    Returns ``(variables, provenance)``.
+    """
+    if init == "imagenet":
+        variables = imagenet_variables(arch, num_classes, key)
+        return variables, {"init": "imagenet", "url": IMAGENET_WEIGHTS[arch].url}
+    if init == "scratch":
+        model = models.create_model(arch, num_classes)
+        return jax.device_get(models.init_variables(model, key, image_size)), {"init": "scratch"}
+    variables, _, provenance = load_variables(init, arch)
+    outputs = int(np.shape(variables["params"]["fc"]["bias"])[0])
+    if outputs != num_classes:
+        raise ValueError(
+            f"--init {init}: its head has {outputs} outputs but the data has {num_classes} classes"
+        )
+    return variables, {"init": str(init), **provenance}
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -1,0 +1,1 @@
+"""Entry points that reproduce the study; each module's docstring holds its exact command."""

@@ -1,0 +1,51 @@
+"""Fine-tune the ResNet-50 teacher with the seed's recipe and write its model directory.
+
+    python -m experiments.teacher --init imagenet --out runs/teacher
+    python -m experiments.teacher --init scratch --data_dir ../shared/data/hymenoptera_data \
+        --image_size 112 --out runs/teacher112
+
+25 epochs, batch 32, SGD lr 0.001 momentum 0.9, StepLR 7 / 0.1, all layers trained; the best
+val epoch is kept as ``OUT/best`` (a model directory usable by kdjax.predict and as
+``--teacher_file``). Re-running with the same ``--out`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments import cli
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.teacher", description=__doc__.split("\n")[0])
+    parser.add_argument("--init", default="imagenet",
+                        help="imagenet (torchvision weights), scratch, or a model dir / PyTorch file")
+    parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")
+    cli.add_data_flags(parser)
+    cli.add_recipe_flags(parser, gamma=0.1)
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+
+    from kdjax import data, protocol
+    from kdjax.config import TrainConfig
+
+    try:
+        config = TrainConfig(
+            optim=cli.optim_config(args), distill=None, num_epochs=args.num_epochs,
+            batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+            compute_dtype=cli.default_dtype(args.dtype),
+        )
+        dataset = data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
+                                   skip_bad_images=args.skip_bad_images)
+        result = protocol.fine_tune_teacher(dataset, config, args.init, args.out)
+    except cli.USER_ERRORS as err:
+        return cli.fail("experiments.teacher", err)
+    n = dataset["val"].num_examples
+    print(f"teacher: best val accuracy {result.best_val_acc:.6f} = {round(result.best_val_acc * n)}/{n} "
+          f"at epoch {result.best_epoch}; model directory {result.workdir / 'best'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Typed, frozen run configuration. Epochs become optimiser steps in one place: ``steps_per_epoch``.
+
+Defaults are the seed's experiment (../shared/SEED.md): batch 32, SGD lr 0.001 momentum 0.9,
+StepLR every 7 epochs by 0.1, 25 epochs, alpha 0.5, logit-MSE distillation, only the new head
+trained while BatchNorm keeps updating its statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from kdjax import losses
+
+StudentTrain = Literal["fc", "fc_frozen_bn", "all"]
+STUDENT_TRAIN_MODES: tuple[str, ...] = ("fc", "fc_frozen_bn", "all")
+LOSS_KINDS = losses.KINDS
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.001
+    momentum: float = 0.9
+    step_size: int = 7  # epochs between learning-rate decays (torch StepLR)
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _require(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        _require(self.step_size >= 1, f"--s_lr_step_size must be >= 1, got {self.step_size}")
+        _require(self.gamma >= 0, f"--s_rl_gamma must be >= 0, got {self.gamma}")
+        _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How the student learns from the teacher. ``alpha = 1`` ignores the teacher's logits."""
+
+    alpha: float = 0.5
+    loss: str = "mse"  # "mse": alpha*CE + (1-alpha)*MSE ; "kl": alpha*CE + (1-alpha)*T^2*KL
+    temperature: float = 4.0  # used by "kl" only
+    student_train: str = "fc"
+
+    def __post_init__(self):
+        _require(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        _require(self.loss in LOSS_KINDS, f"--loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _require(
+            self.student_train in STUDENT_TRAIN_MODES,
+            f"--student_train must be one of {STUDENT_TRAIN_MODES}, got {self.student_train!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run (a distillation run, or supervised fine-tuning when ``distill`` is None)."""
+
+    optim: OptimConfig = OptimConfig()
+    distill: DistillConfig | None = DistillConfig()
+    num_epochs: int = 25
+    batch_size: int = 32
+    image_size: int = 224
+    seed: int = 0
+    compute_dtype: str = "float32"  # "bfloat16" on accelerators: params, stats, losses stay f32
+
+    def __post_init__(self):
+        _require(self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}")
+        _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        _require(self.image_size >= 32, f"--image_size must be >= 32, got {self.image_size}")
+        _require(
+            self.compute_dtype in ("float32", "bfloat16"),
+            f"--dtype must be float32 or bfloat16, got {self.compute_dtype!r}",
+        )
+
+    @property
+    def student_train(self) -> str:
+        return self.distill.student_train if self.distill is not None else "all"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch with the last partial batch kept (padded and masked), as the seed's
+    DataLoader does: 244 examples at batch 32 -> 8 steps."""
+    return math.ceil(num_examples / batch_size)
+

@@ -1,0 +1,144 @@
+"""The study's protocol: fine-tune the teacher, distil n runs per alpha, summarise.
+
+``experiments.teacher`` and ``experiments.paper`` are thin command lines over ``fine_tune_teacher``
+and ``run_paper``. Everything lands under one output directory and every piece resumes: a
+finished run is read back, an interrupted one continues from its last epoch checkpoint.
+
+    OUT/teacher/            the teacher's fine-tuning run; OUT/teacher/best is its model dir
+    OUT/alpha_<a>/run_<r>/  one distillation run: metrics.json, checkpoints/, best/ (student)
+    OUT/tensorboard/alpha_<a>/run_<r>/   TensorBoard event files
+    OUT/summary.md, OUT/summary.json, OUT/plots/*.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from kdjax import checkpoint, data, report, train, weights
+from kdjax.config import DistillConfig, TrainConfig
+
+TEACHER_ARCH = "resnet50"
+STUDENT_ARCH = "resnet18"
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperConfig:
+    """The whole study: ``n_exp`` runs for each alpha, run r seeded ``train.seed + r``.
+
+    The same seeds are used for every alpha, so alphas are compared on the same initial heads
+    and the same augmented views (a paired design).
+    """
+
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    n_exp: int = 4
+    train: TrainConfig = TrainConfig()
+    init: str = "imagenet"  # the student's starting weights: imagenet | scratch | PATH
+
+    def __post_init__(self):
+        if not self.alphas:
+            raise ValueError("--alpha needs at least one value")
+        if len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"--alpha has repeated values: {list(self.alphas)}")
+        if self.n_exp < 1:
+            raise ValueError(f"--n_exp must be >= 1, got {self.n_exp}")
+        if self.train.distill is None:
+            raise ValueError("PaperConfig.train needs a DistillConfig")
+
+    def run_config(self, alpha: float, run: int) -> TrainConfig:
+        distill = dataclasses.replace(self.train.distill, alpha=float(alpha))
+        return dataclasses.replace(self.train, distill=distill, seed=self.train.seed + run)
+
+
+def alpha_dir(alpha: float) -> str:
+    return f"alpha_{report.alpha_label(alpha)}"
+
+
+def fine_tune_teacher(
+    dataset: data.Dataset, config: TrainConfig, init: str, workdir: str | pathlib.Path
+) -> train.RunResult:
+    """Supervised fine-tuning of ResNet-50 (all layers); ``workdir/best`` is the teacher."""
+    config = dataclasses.replace(config, distill=None)
+    variables, provenance = weights.initial_variables(
+        init, TEACHER_ARCH, len(dataset.class_names), jax.random.key(config.seed),
+        image_size=config.image_size,
+    )
+    return train.train_and_evaluate(
+        config, workdir, dataset, variables, student_arch=TEACHER_ARCH,
+        provenance={"role": "teacher", **provenance},
+    )
+
+
+def load_teacher(path: str | pathlib.Path, dataset: data.Dataset) -> train.Teacher:
+    """A frozen ResNet-50 teacher from a model directory or a PyTorch file (state_dict or the
+    seed's whole pickled model); its classes must be the data's."""
+    variables, class_names, _ = weights.load_variables(path, TEACHER_ARCH)
+    outputs = int(np.shape(variables["params"]["fc"]["bias"])[0])
+    if outputs != len(dataset.class_names):
+        raise ValueError(
+            f"--teacher_file {path}: the teacher has {outputs} outputs but the data has "
+            f"{len(dataset.class_names)} classes {list(dataset.class_names)}"
+        )
+    if class_names is not None and tuple(class_names) != tuple(dataset.class_names):
+        raise ValueError(
+            f"--teacher_file {path}: the teacher's classes {list(class_names)} are not the "
+            f"data's {list(dataset.class_names)} (same order required)"
+        )
+    model = train.models.create_model(TEACHER_ARCH, outputs)
+    return train.Teacher(model, variables, checkpoint.fingerprint(variables))
+
+
+def run_paper(
+    config: PaperConfig,
+    dataset: data.Dataset,
+    teacher: train.Teacher,
+    out: str | pathlib.Path,
+    *,
+    plots: bool = True,
+    tensorboard: bool = True,
+) -> dict:
+    """Every (alpha, run) of the study, then ``summary.{md,json}``, plots and event files.
+
+    Returns the summary (as written to ``summary.json``).
+    """
+    out = pathlib.Path(out).absolute()
+    runs_by_alpha: dict[float, list[list[dict]]] = {}
+    jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
+    bar = tqdm(jobs, desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
+    for alpha, run in bar:
+        bar.set_postfix_str(f"alpha={alpha:g} run={run}")
+        run_config = config.run_config(alpha, run)
+        workdir = out / alpha_dir(alpha) / f"run_{run}"
+        key = jax.random.key(run_config.seed)
+        student, provenance = weights.initial_variables(
+            config.init, STUDENT_ARCH, len(dataset.class_names), key, image_size=run_config.image_size
+        )
+        result = train.train_and_evaluate(
+            run_config, workdir, dataset, student, student_arch=STUDENT_ARCH, teacher=teacher,
+            provenance={"role": "student", "alpha": alpha, "run": run, **provenance},
+        )
+        runs_by_alpha.setdefault(alpha, []).append(result.history)
+        if tensorboard:
+            report.write_tensorboard(out / "tensorboard" / alpha_dir(alpha) / f"run_{run}", result.history, purge_step=1)
+    bar.close()
+
+    num_val = dataset["val"].num_examples
+    extra = {
+        "teacher_fingerprint": teacher.fingerprint,
+        "student_init": config.init,
+        "config": config.train.to_json(),
+        "alphas": list(config.alphas),
+        "n_exp": config.n_exp,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    summary = report.write_summary(out, runs_by_alpha, num_val, extra=extra)
+    if plots:
+        report.plot_curves(out / "plots", runs_by_alpha)
+    return summary
+

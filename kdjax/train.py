@@ -1,0 +1,422 @@
+"""The distillation engine: pure jit-compiled steps, whole epochs on the device, exact resume.
+
+``train_step`` runs the frozen teacher (eval mode, ``stop_gradient``) and the student on the same
+augmented batch; ``train_epoch`` scans it over an epoch of device-resident data, so an epoch is
+one program with no host round trip; ``evaluate`` counts every validation example once.
+``train_and_evaluate`` is the host loop around them: checkpoints every epoch, resume, best-val
+model directory, per-epoch metrics.
+
+Student modes (``DistillConfig.student_train``):
+
+- ``fc``: the seed's behaviour. Only the new head is optimised, but the student runs in train
+  mode, so BatchNorm normalises with batch statistics and keeps updating its running averages.
+- ``fc_frozen_bn``: a truly frozen backbone: eval-mode BatchNorm, only the head is optimised.
+- ``all``: full fine-tuning (also what supervised teacher fine-tuning uses).
+
+The teacher is data: its variables enter every step as an argument (replicated, never donated,
+never optimised, never checkpointed; its fingerprint is recorded instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+
+from kdjax import augment, checkpoint, data, losses, models, optim, sharding
+from kdjax.config import TrainConfig, steps_per_epoch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names epoch and step."""
+
+
+class ResumeMismatchError(ValueError):
+    """A work directory holds a run with another configuration or teacher."""
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training (the teacher is not here, by design)."""
+
+    step: jax.Array  # optimiser steps taken
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The static part of a compiled step: networks, optimiser, student mode, loss kind.
+
+    Hashable, so it is a static argument of ``jax.jit``; everything a sweep varies (alpha,
+    temperature) is a traced argument instead, so a sweep compiles once.
+    """
+
+    student: models.ResNet
+    teacher: models.ResNet | None
+    tx: optax.GradientTransformation
+    student_train: str = "fc"
+    loss: str = "mse"
+    image_size: int = 224
+
+
+def trainable_params(params: Mapping, student_train: str) -> dict:
+    """The subset the optimiser sees: the head in ``fc``/``fc_frozen_bn`` modes, else all."""
+    if student_train == "all":
+        return dict(params)
+    return {"fc": params["fc"]}
+
+
+def merge_params(params: Mapping, trainable: Mapping) -> dict:
+    return {**params, **trainable}
+
+
+def make_optimizer(config: TrainConfig, num_steps_per_epoch: int) -> optax.GradientTransformation:
+    o = config.optim
+    return optim.sgd(optim.step_lr(o.lr, o.step_size, o.gamma, num_steps_per_epoch), o.momentum, o.weight_decay)
+
+
+def create_train_state(variables: Mapping, tx: optax.GradientTransformation, student_train: str) -> TrainState:
+    params = dict(variables["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=dict(variables["batch_stats"]),
+        opt_state=tx.init(trainable_params(params, student_train)),
+    )
+
+
+def hparams_for(config: TrainConfig) -> dict[str, jax.Array]:
+    """The traced scalars of a step (one compilation for every alpha and temperature)."""
+    d = config.distill
+    return {
+        "alpha": jnp.float32(1.0 if d is None else d.alpha),
+        "temperature": jnp.float32(1.0 if d is None else d.temperature),
+    }
+
+
+def _loss(spec: StepSpec, s_logits, t_logits, labels, mask, hparams):
+    if spec.teacher is None:
+        ce = losses.cross_entropy(s_logits, labels, mask)
+        return ce, {"ce": ce}
+    return losses.distillation_loss(
+        s_logits, t_logits, labels, hparams["alpha"], hparams["temperature"], spec.loss, mask
+    )
+
+
+def train_step(
+    state: TrainState, teacher_vars, batch: data.Batch, hparams: Mapping, spec: StepSpec
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on a (possibly padded) batch; ``batch.mask`` marks real examples."""
+    images, labels = batch.images, batch.labels
+    mask = batch.mask.astype(jnp.float32)
+    t_logits = None
+    if spec.teacher is not None:
+        t_logits = jax.lax.stop_gradient(spec.teacher.apply(teacher_vars, images, train=False))
+    bn_train = spec.student_train != "fc_frozen_bn"
+
+    def loss_fn(trainable):
+        variables = {"params": merge_params(state.params, trainable), "batch_stats": state.batch_stats}
+        if bn_train:
+            logits, updates = spec.student.apply(
+                variables, images, train=True, mask=mask, mutable=["batch_stats"]
+            )
+            new_stats = updates["batch_stats"]
+        else:
+            logits, new_stats = spec.student.apply(variables, images, train=False), state.batch_stats
+        loss, terms = _loss(spec, logits, t_logits, labels, mask, hparams)
+        return loss, (terms, logits, new_stats)
+
+    trainable = trainable_params(state.params, spec.student_train)
+    (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=merge_params(state.params, trainable),
+        batch_stats=new_stats,
+        opt_state=opt_state,
+    )
+    count = jnp.sum(mask)
+    metrics = {
+        "loss": loss,
+        "loss_sum": loss * count,
+        **{f"{k}_sum": v * count for k, v in terms.items()},
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "count": count,
+    }
+    return new_state, metrics
+
+
+def train_epoch(
+    state: TrainState,
+    teacher_vars,
+    train_split: data.TrainArrays,
+    order: jax.Array,
+    order_mask: jax.Array,
+    seed: jax.Array,
+    epoch: jax.Array,
+    hparams: Mapping,
+    spec: StepSpec,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """All steps of one epoch as a ``lax.scan`` over device-resident data.
+
+    ``order``/``order_mask`` are ``[steps, batch]`` example indices and validity (from
+    ``data.epoch_order``); views are augmented on the device from ``(seed, epoch, index)``.
+    Returns the final state and per-step metrics stacked along the first axis.
+    """
+
+    def body(state, xs):
+        indices, mask = xs
+        batch = data.train_batch(train_split, indices, mask, seed, epoch, spec.image_size)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return train_step(state, teacher_vars, batch, hparams, spec)
+
+    return jax.lax.scan(body, state, (order, order_mask))
+
+
+def eval_logits(model: models.ResNet, variables, images: jax.Array, batch_size: int, sharding_=None):
+    """Eval-mode logits for every image (padded to whole batches, padding dropped)."""
+    n = images.shape[0]
+    steps = math.ceil(n / batch_size)
+    pad = steps * batch_size - n
+    x = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]) if pad else images
+    x = x.reshape((steps, batch_size) + images.shape[1:])
+
+    def body(_, xb):
+        xb = augment.normalize(xb)
+        if sharding_ is not None:
+            xb = jax.lax.with_sharding_constraint(xb, sharding_)
+        return None, model.apply(variables, xb, train=False)
+
+    _, logits = jax.lax.scan(body, None, x)
+    return logits.reshape((steps * batch_size, -1))[:n]
+
+
+def eval_metrics(s_logits, t_logits, labels, hparams, spec: StepSpec) -> dict[str, jax.Array]:
+    """Validation figures over the whole set (every example counted exactly once).
+
+    ``diff_t_s`` is the mean |teacher - student| logit difference over all examples and classes
+    (the seed took it on its last val batch only). ``agreement`` is teacher-student top-1
+    agreement and ``kl_t_s`` the mean KL(softmax(t) || softmax(s)) at T = 1.
+    """
+    loss, terms = _loss(spec, s_logits, t_logits, labels, None, hparams)
+    out = {"loss": loss, **terms, "acc": jnp.mean(jnp.argmax(s_logits, -1) == labels)}
+    if t_logits is not None:
+        out.update(
+            teacher_acc=jnp.mean(jnp.argmax(t_logits, -1) == labels),
+            diff_t_s=jnp.mean(jnp.abs(t_logits - s_logits)),
+            agreement=jnp.mean(jnp.argmax(t_logits, -1) == jnp.argmax(s_logits, -1)),
+            kl_t_s=losses.hinton_kl(s_logits, t_logits, 1.0),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- host loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher: its module, variables and fingerprint (what checkpoints record)."""
+
+    model: models.ResNet
+    variables: Any
+    fingerprint: str
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[dict]
+    best_val_acc: float
+    best_epoch: int
+    workdir: pathlib.Path
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | pathlib.Path,
+    dataset: data.Dataset,
+    student_variables: Mapping,
+    *,
+    student_arch: str = "resnet18",
+    teacher: Teacher | None = None,
+    provenance: Mapping | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Train for ``config.num_epochs`` epochs (resuming whatever ``workdir`` already holds).
+
+    Writes ``workdir/checkpoints/<epoch>`` (orbax: train state + run metadata, every epoch,
+    atomically), ``workdir/best`` (the best-val student as a model directory) and
+    ``workdir/metrics.json``. A non-finite loss stops with ``NonFiniteLossError`` before the
+    epoch is saved, so the last good checkpoint stays intact.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (teacher is None) != (config.distill is None):
+        raise ValueError("a distillation config needs a teacher, and supervised training none")
+    mesh = mesh or sharding.data_mesh()
+    sharding.check_batch_size(config.batch_size, mesh)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    train_arrays, val_arrays = dataset["train"].train, dataset["val"].eval
+    if train_arrays is None:
+        raise ValueError("the dataset was loaded without training views for its 'train' split")
+    num_train = dataset["train"].num_examples
+    spe = steps_per_epoch(num_train, config.batch_size)
+    tx = make_optimizer(config, spe)
+    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+    student = models.create_model(student_arch, len(dataset.class_names), dtype)
+    spec = StepSpec(
+        student=student,
+        teacher=None if teacher is None else teacher.model,
+        tx=tx,
+        student_train=config.student_train,
+        loss="mse" if config.distill is None else config.distill.loss,
+        image_size=config.image_size,
+    )
+    hparams = jax.device_put(hparams_for(config), repl)
+    train_split = jax.device_put(train_arrays, repl)
+    val_images = jax.device_put(val_arrays.images, repl)
+    val_labels = jax.device_put(val_arrays.labels, repl)
+    teacher_vars = None if teacher is None else jax.device_put(teacher.variables, repl)
+
+    run_meta = {
+        "config": config.to_json(),
+        "student_arch": student_arch,
+        "teacher_fingerprint": None if teacher is None else teacher.fingerprint,
+        "class_names": list(dataset.class_names),
+        # the decode cache's key: a digest of the source files, image size and cache settings
+        "data_fingerprint": dataset.cache_path.name,
+    }
+
+    # Fresh state from host copies: device_put may alias, and the step donates its state.
+    fresh = create_train_state(jax.tree_util.tree_map(np.asarray, dict(student_variables)), tx, spec.student_train)
+    state = jax.device_put(fresh, repl)
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True)
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    history: list[dict] = []
+    best_acc, best_epoch, start_epoch = -1.0, -1, 0
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state
+        )
+        restored = manager.restore(
+            latest,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+        saved = restored["meta"]
+        for key in ("config", "student_arch", "teacher_fingerprint", "class_names", "data_fingerprint"):
+            if saved["run"].get(key) != run_meta[key]:
+                raise ResumeMismatchError(
+                    f"{workdir} holds a run with a different {key} "
+                    f"({saved['run'].get(key)!r} != {run_meta[key]!r}); use another --out or delete it"
+                )
+        state = restored["state"]
+        history, best_acc, best_epoch = saved["history"], saved["best_val_acc"], saved["best_epoch"]
+        start_epoch = latest + 1
+        _log(f"resuming {workdir} after epoch {latest + 1}/{config.num_epochs}")
+
+    epoch_fn = jax.jit(
+        functools.partial(train_epoch, batch_sharding=batch_sh),
+        static_argnames="spec",
+        donate_argnums=0,
+    )
+    logits_fn = jax.jit(eval_logits, static_argnums=(0, 3, 4))
+    metrics_fn = jax.jit(eval_metrics, static_argnames="spec")
+    t_val_logits = None
+    if teacher is not None:  # the teacher is frozen and val views are fixed: compute once per run
+        t_val_logits = logits_fn(teacher.model, teacher_vars, val_images, config.batch_size, batch_sh)
+
+    for epoch in range(start_epoch, config.num_epochs):
+        t0 = time.perf_counter()
+        order, order_mask = data.epoch_order(num_train, config.batch_size, config.seed, epoch, shuffle=True)
+        state, step_metrics = epoch_fn(
+            state, teacher_vars, train_split, jnp.asarray(order), jnp.asarray(order_mask),
+            jnp.uint32(config.seed), jnp.int32(epoch), hparams, spec=spec,
+        )
+        step_losses = np.asarray(step_metrics["loss"])
+        bad = np.flatnonzero(~np.isfinite(step_losses))
+        if bad.size:
+            raise NonFiniteLossError(
+                f"non-finite training loss {step_losses[bad[0]]} at epoch {epoch + 1} step "
+                f"{bad[0] + 1}/{spe}; nothing of this epoch was saved, the last good checkpoint "
+                f"is epoch {epoch} in {workdir / 'checkpoints'}"
+            )
+        sums = {k: float(np.sum(v)) for k, v in step_metrics.items() if k != "loss"}
+        count = sums.pop("count")
+        train = {"loss": sums.pop("loss_sum") / count, "acc": sums.pop("correct") / count}
+        train.update({k[: -len("_sum")]: v / count for k, v in sums.items()})
+
+        s_vars = {"params": state.params, "batch_stats": state.batch_stats}
+        s_val_logits = logits_fn(student, s_vars, val_images, config.batch_size, batch_sh)
+        val = {k: float(v) for k, v in metrics_fn(s_val_logits, t_val_logits, val_labels, hparams, spec=spec).items()}
+        record = {
+            "epoch": epoch + 1,
+            "lr": float(tx_lr(config, spe, epoch)),
+            "train": train,
+            "val": val,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        if val["acc"] > best_acc:  # strict: the first epoch reaching the best accuracy is kept
+            best_acc, best_epoch = val["acc"], epoch + 1
+            checkpoint.save_model(
+                workdir / "best",
+                jax.device_get(s_vars),
+                arch=student_arch,
+                class_names=dataset.class_names,
+                image_size=config.image_size,
+                provenance={
+                    **dict(provenance or {}),
+                    "epoch": epoch + 1,
+                    "val_acc": val["acc"],
+                    "teacher_fingerprint": run_meta["teacher_fingerprint"],
+                    "config": config.to_json(),
+                },
+            )
+        meta = {"run": run_meta, "history": history, "best_val_acc": best_acc, "best_epoch": best_epoch}
+        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+        (workdir / "metrics.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _log(_epoch_line(record, config.num_epochs))
+        if on_epoch is not None:
+            on_epoch(record)
+    manager.close()
+    return RunResult(history=history, best_val_acc=best_acc, best_epoch=best_epoch, workdir=workdir)
+
+
+def tx_lr(config: TrainConfig, spe: int, epoch: int) -> float:
+    """The learning rate used during ``epoch`` (0-based)."""
+    return float(optim.step_lr(config.optim.lr, config.optim.step_size, config.optim.gamma, spe)(epoch * spe))
+
+
+def _epoch_line(r: dict, num_epochs: int) -> str:
+    v, t = r["val"], r["train"]
+    line = (
+        f"epoch {r['epoch']:>3}/{num_epochs}  lr {r['lr']:.2e}  train loss {t['loss']:.4f} "
+        f"acc {t['acc']:.4f}  val loss {v['loss']:.4f} acc {v['acc']:.4f}"
+    )
+    if "teacher_acc" in v:
+        line += f"  teacher {v['teacher_acc']:.4f}  diff_t_s {v['diff_t_s']:.4f}"
+    return line + f"  ({r['seconds']:.1f} s)"

@@ -1,0 +1,153 @@
+"""The host loop of kdjax.train: files, resume (also after SIGKILL), mismatches, faults.
+
+Runs use 32 px images, ResNet-18 as both student and teacher (the engine does not care which
+ResNet the teacher is; test_train_step covers ResNet-50) and 2-3 epochs on a generated folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, data, models, train
+from kdjax.config import DistillConfig, OptimConfig, TrainConfig
+from kdjax.predict import predict_files
+
+CHILD = pathlib.Path(__file__).with_name("train_child.py")
+SPEC = {"train": {"ants": 10, "bees": 10}, "val": {"ants": 6, "bees": 6}}
+
+
+def _sizes(seed: int):
+    return 40 + seed % 7, 30 + seed % 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from conftest import write_image
+
+    root = tmp_path_factory.mktemp("train") / "images"
+    seed = 0
+    for split, classes in SPEC.items():
+        for cls, n in classes.items():
+            for i in range(n):
+                seed += 1
+                write_image(root / split / cls / f"{i}.jpg", _sizes(seed), seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(folder, tmp_path_factory):
+    return data.load_splits(folder, image_size=32, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _teacher(seed: int = 1) -> train.Teacher:
+    model = models.create_model("resnet18", 2)
+    variables = models.init_variables(model, jax.random.key(seed), 32)
+    return train.Teacher(model, variables, checkpoint.fingerprint(variables))
+
+
+def _student():
+    return models.init_variables(models.create_model("resnet18", 2), jax.random.key(2), 32)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(
+        optim=OptimConfig(lr=0.05, step_size=1, gamma=0.5),
+        distill=DistillConfig(alpha=0.5, student_train="fc"),
+        num_epochs=2,
+        batch_size=4,
+        image_size=32,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher())
+    return workdir, result
+
+
+def test_run_writes_metrics_checkpoints_and_best_model(finished_run, dataset, folder):
+    workdir, result = finished_run
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    val = result.history[-1]["val"]
+    assert set(val) >= {"loss", "acc", "teacher_acc", "diff_t_s", "agreement", "kl_t_s", "ce", "mse"}
+    # accuracy is a count over the 12 val images: a multiple of 1/12
+    assert abs(val["acc"] * 12 - round(val["acc"] * 12)) < 1e-6
+    assert result.history[0]["lr"] == pytest.approx(0.05) and result.history[1]["lr"] == pytest.approx(0.025)
+    saved = json.loads((workdir / "metrics.json").read_text())
+    assert saved["history"] == result.history
+    assert saved["best_val_acc"] == max(r["val"]["acc"] for r in result.history)
+    meta = checkpoint.read_meta(workdir / "best")
+    assert meta.arch == "resnet18" and meta.class_names == ("ants", "bees") and meta.image_size == 32
+    assert meta.provenance["epoch"] == result.best_epoch
+    assert meta.provenance["teacher_fingerprint"] == _teacher().fingerprint
+    images = sorted(str(p) for p in (folder / "val" / "ants").iterdir())[:2]
+    assert [r["label"] in ("ants", "bees") for r in predict_files(workdir / "best", images)] == [True, True]
+
+
+def test_teacher_is_not_checkpointed(finished_run):
+    workdir, _ = finished_run
+    state_files = " ".join(str(p) for p in (workdir / "checkpoints").rglob("*"))
+    assert "teacher" not in state_files.replace("teacher_fingerprint", "")
+
+
+def test_rerunning_a_finished_run_does_not_train_again(finished_run, dataset):
+    workdir, result = finished_run
+    again = train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher())
+    assert again.history == result.history
+
+
+def test_resume_refuses_another_config_or_teacher(finished_run, dataset):
+    workdir, _ = finished_run
+    with pytest.raises(train.ResumeMismatchError, match="config"):
+        train.train_and_evaluate(_config(seed=1), workdir, dataset, _student(), teacher=_teacher())
+    with pytest.raises(train.ResumeMismatchError, match="teacher_fingerprint"):
+        train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher(seed=9))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
+    # gamma 1e30 multiplies the learning rate by 1e30 after epoch 1: epoch 2 diverges
+    config = _config(optim=OptimConfig(lr=0.05, step_size=1, gamma=1e30), num_epochs=3)
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2 step \d+/5"):
+        train.train_and_evaluate(config, tmp_path, dataset, _student(), teacher=_teacher())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in saved["history"]] == [1]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [0]
+
+
+def _child(workdir, folder, cache, *extra, check=True):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(__file__).parents[1] / ".cache" / "jax-tests")}
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(workdir), str(folder), str(cache), *extra],
+        capture_output=True, text=True, env=env, check=check, timeout=900,
+    )
+
+
+def _history(workdir):
+    history = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())["history"]
+    for record in history:
+        record.pop("seconds")
+    return history
+
+
+def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path):
+    cache = tmp_path / "cache"
+    _child(tmp_path / "straight", folder, cache)
+    killed = _child(tmp_path / "killed", folder, cache, "--kill-during-epoch", "2", check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # it died during epoch 2: only epoch 1 is on disk
+    assert [r["epoch"] for r in _history(tmp_path / "killed")] == [1]
+    resumed = _child(tmp_path / "killed", folder, cache)
+    assert "resuming" in resumed.stderr
+    assert _history(tmp_path / "killed") == _history(tmp_path / "straight")
