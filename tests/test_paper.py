@@ -1,0 +1,90 @@
+"""experiments.paper end to end on a generated image folder: files, table arithmetic, predict,
+and resuming an output directory that holds only part of the study."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import paper
+from kdjax import checkpoint, models
+from kdjax.predict import predict_files
+
+ALPHAS = ("0", "0.5")
+COMMON = ["--num_epochs", "2", "--batch_size", "4", "--image_size", "32", "--init", "scratch",
+          "--lr", "0.01", "--s_lr_step_size", "1"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from conftest import write_image
+
+    base = tmp_path_factory.mktemp("paper")
+    images = base / "images"
+    seed = 0
+    for split, n in [("train", 8), ("val", 5)]:
+        for cls in ("ants", "bees"):
+            for i in range(n):
+                seed += 1
+                write_image(images / split / cls / f"{cls} {i}.jpg", (36 + seed % 9, 30 + seed % 4), seed)
+    teacher = models.create_model("resnet50", 2)
+    checkpoint.save_model(base / "teacher", models.init_variables(teacher, jax.random.key(7), 32),
+                          arch="resnet50", class_names=["ants", "bees"], provenance={"test": True}, image_size=32)
+    args = [*COMMON, "--data_dir", str(images), "--cache_dir", str(base / "cache"),
+            "--teacher_file", str(base / "teacher")]
+    return base, images, args
+
+
+def test_paper_writes_tables_plots_runs_and_a_usable_student(study, capsys):
+    base, images, args = study
+    out = base / "out"
+    # half the study first (one run per alpha), then the whole: the first runs are reused
+    assert paper.main(["--alpha", *ALPHAS, "--n_exp", "1", "--out", str(out), *args]) == 0
+    first = {a: (out / f"alpha_{a}" / "run_0" / "metrics.json").read_text() for a in ALPHAS}
+    capsys.readouterr()
+    assert paper.main(["--alpha", *ALPHAS, "--n_exp", "2", "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    for a in ALPHAS:  # finished runs were read back, not trained again
+        assert (out / f"alpha_{a}" / "run_0" / "metrics.json").read_text() == first[a]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert "epoch_loss_l" in printed and "final val acc" in printed
+    histories = {
+        float(a): [json.loads((out / f"alpha_{a}" / f"run_{r}" / "metrics.json").read_text())["history"]
+                   for r in range(2)]
+        for a in ALPHAS
+    }
+    # the seed's table: mean and sample std pooled over all epochs of all runs, from the JSON
+    for row in summary["seed_table"]:
+        vals = [rec["val"]["acc"] for h in histories[row["alpha"]] for rec in h]
+        assert len(vals) == 4
+        assert row["epoch_acc_l"]["mean"] == pytest.approx(np.mean(vals), abs=1e-12)
+        assert row["epoch_acc_l"]["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-12)
+        losses = [rec["val"]["loss"] for h in histories[row["alpha"]] for rec in h]
+        assert row["epoch_loss_l"]["mean"] == pytest.approx(np.mean(losses), rel=1e-12)
+    # the honest table: per-run final accuracy, mean over runs
+    for row in summary["honest_table"]["rows"]:
+        finals = [h[-1]["val"]["acc"] for h in histories[row["alpha"]]]
+        assert row["final_acc"]["mean"] == pytest.approx(np.mean(finals), abs=1e-12)
+    assert summary["honest_table"]["num_val"] == 10
+
+    assert len(list((out / "plots").glob("*.png"))) == 6  # 3 figures x 2 alphas
+    assert list((out / "tensorboard" / "alpha_0.5" / "run_1").glob("events.out.tfevents*"))
+    student = out / "alpha_0.5" / "run_1" / "best"
+    assert checkpoint.read_meta(student).arch == "resnet18"
+    results = list(predict_files(student, [str(next((images / "val" / "bees").iterdir()))]))
+    assert set(results[0]["probs"]) == {"ants", "bees"}
+
+
+def test_bad_flags_fail_in_one_line(study, capsys):
+    base, images, args = study
+    assert paper.main(["--alpha", "1.5", "--out", str(base / "bad"), *args]) == 2
+    assert "--alpha must be in [0, 1]" in capsys.readouterr().err
+    assert paper.main(["--out", str(base / "bad"), *args, "--batch_size", "3"]) == 2
+    assert "--batch_size 3" in capsys.readouterr().err
+    assert paper.main(["--out", str(base / "bad"), *COMMON, "--data_dir", str(base / "nowhere"),
+                       "--teacher_file", str(base / "teacher")]) == 2
+    assert "nowhere" in capsys.readouterr().err
