@@ -45,6 +45,24 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
                        gamma=args.gamma, weight_decay=args.weight_decay)
 
 
+def train_config(args: argparse.Namespace, distill=None):
+    """The run configuration of the recipe flags (a supervised run when ``distill`` is None)."""
+    from kdjax.config import TrainConfig
+
+    return TrainConfig(
+        optim=optim_config(args), distill=distill, num_epochs=args.num_epochs,
+        batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+        compute_dtype=default_dtype(args.dtype),
+    )
+
+
+def load_data(args: argparse.Namespace):
+    from kdjax import data
+
+    return data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
+                            skip_bad_images=args.skip_bad_images)
+
+
 def default_dtype(requested: str | None) -> str:
     import jax
 

@@ -46,36 +46,27 @@ def main(argv=None) -> int:
 
     import pathlib
 
-    from kdjax import data, protocol, report
-    from kdjax.config import DistillConfig, TrainConfig
+    from kdjax import protocol, report
+    from kdjax.config import DistillConfig
 
     try:
         config = protocol.PaperConfig(
             alphas=tuple(args.alpha),
             n_exp=args.n_exp,
             init=args.init,
-            train=TrainConfig(
-                optim=cli.optim_config(args),
-                distill=DistillConfig(alpha=args.alpha[0], loss=args.loss, temperature=args.temperature,
-                                      student_train=args.student_train),
-                num_epochs=args.num_epochs, batch_size=args.batch_size, image_size=args.image_size,
-                seed=args.seed, compute_dtype=cli.default_dtype(args.dtype),
-            ),
+            train=cli.train_config(args, DistillConfig(
+                alpha=args.alpha[0], loss=args.loss, temperature=args.temperature,
+                student_train=args.student_train)),
         )
         for alpha in config.alphas:  # validate every alpha before any work
             config.run_config(alpha, 0)
-        dataset = data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-                                   skip_bad_images=args.skip_bad_images)
+        dataset = cli.load_data(args)
         out = pathlib.Path(args.out)
         teacher_path = args.teacher_file
         if teacher_path is None:
             teacher_init = "scratch" if args.init == "scratch" else "imagenet"
-            teacher_config = TrainConfig(
-                optim=cli.optim_config(args), distill=None, num_epochs=args.num_epochs,
-                batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
-                compute_dtype=config.train.compute_dtype,
-            )
-            result = protocol.fine_tune_teacher(dataset, teacher_config, teacher_init, out / "teacher")
+            # the seed fine-tuned its teacher with the same recipe as the students
+            result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher")
             print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}",
                   file=sys.stderr)
             teacher_path = out / "teacher" / "best"

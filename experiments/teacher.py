@@ -27,17 +27,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cli.setup_logging()
 
-    from kdjax import data, protocol
-    from kdjax.config import TrainConfig
+    from kdjax import protocol
 
     try:
-        config = TrainConfig(
-            optim=cli.optim_config(args), distill=None, num_epochs=args.num_epochs,
-            batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
-            compute_dtype=cli.default_dtype(args.dtype),
-        )
-        dataset = data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-                                   skip_bad_images=args.skip_bad_images)
+        config = cli.train_config(args)
+        dataset = cli.load_data(args)
         result = protocol.fine_tune_teacher(dataset, config, args.init, args.out)
     except cli.USER_ERRORS as err:
         return cli.fail("experiments.teacher", err)
