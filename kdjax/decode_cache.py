@@ -31,11 +31,13 @@ with ``skip_bad_images``, the warning) is the same on a warm run as on a cold on
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import sys
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -191,10 +193,12 @@ def prepare(
     builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
     decoded = not builder.is_prepared()
     if decoded:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP
+        # tfds announces its work with print(); keep stdout for the caller's results
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP
+                )
             )
-        )
     unreadable = {s: tuple(v) for s, v in builder.info.metadata.get("unreadable", {}).items()}
     return PreparedCache(path, builder.as_data_source(), unreadable, decoded)

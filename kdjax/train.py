@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
+from tqdm import tqdm
 
 from kdjax import augment, checkpoint, data, losses, models, optim, sharding
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
@@ -308,8 +309,12 @@ class RunResult:
     workdir: pathlib.Path
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _log(msg: str, workdir: pathlib.Path | None = None) -> None:
+    """One line to stderr (above any progress bar) and, with ``workdir``, to its train.log."""
+    tqdm.write(msg, file=sys.stderr)
+    if workdir is not None:
+        with open(workdir / "train.log", "a") as f:
+            f.write(msg + "\n")
 
 
 def train_and_evaluate(
@@ -400,13 +405,17 @@ def train_and_evaluate(
         state = restored["state"]
         history, best_acc, best_epoch = saved["history"], saved["best_val_acc"], saved["best_epoch"]
         start_epoch = latest + 1
-        _log(f"resuming {workdir} after epoch {latest + 1}/{config.num_epochs}")
+        _log(f"resuming {workdir} after epoch {latest + 1}/{config.num_epochs}", workdir)
 
     t_val_logits = None
     if teacher is not None:  # the teacher is frozen and val views are fixed: compute once per run
         t_val_logits = all_logits(teacher.model, teacher_vars, val_images, config.batch_size, batch_sh)
 
-    for epoch in range(start_epoch, config.num_epochs):
+    epochs = tqdm(
+        range(start_epoch, config.num_epochs), desc="epochs", unit="epoch", file=sys.stderr,
+        initial=start_epoch, total=config.num_epochs, leave=False, dynamic_ncols=True,
+    )
+    for epoch in epochs:
         t0 = time.perf_counter()
         order, order_mask = data.epoch_order(num_train, config.batch_size, config.seed, epoch, shuffle=True)
         state, step_metrics = run_epoch(
@@ -457,9 +466,10 @@ def train_and_evaluate(
         manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
         (workdir / "metrics.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _log(_epoch_line(record, config.num_epochs))
+        _log(_epoch_line(record, config.num_epochs), workdir)
         if on_epoch is not None:
             on_epoch(record)
+    epochs.close()
     manager.close()
     return RunResult(history=history, best_val_acc=best_acc, best_epoch=best_epoch, workdir=workdir)
 
