@@ -221,5 +221,15 @@ def abstract_variables(model: ResNet, image_size: int = 224) -> dict:
     return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy))
 
 
+def fresh_head(key: jax.Array, fan_in: int, num_classes: int) -> dict:
+    """A new ``fc`` layer ``{'kernel', 'bias'}`` drawn as torch.nn.Linear initialises one (the
+    student's replaced ``Linear(512, num_classes)``), with the same initialisers as ``ResNet``."""
+    k_kernel, k_bias = jax.random.split(key)
+    return {
+        "kernel": _dense_kernel_init(k_kernel, (fan_in, num_classes), jnp.float32),
+        "bias": _dense_bias_init(fan_in)(k_bias, (num_classes,), jnp.float32),
+    }
+
+
 def count_params(params) -> int:
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -202,18 +202,6 @@ def fetch(arch: str, dest_dir: os.PathLike = DEFAULT_DIR) -> pathlib.Path:
     return download(spec.url, pathlib.Path(dest_dir) / spec.filename, spec.sha256)
 
 
-def _fresh_head(key: jax.Array, fan_in: int, num_classes: int) -> dict:
-    # torch.nn.Linear's default init (as kdjax.models uses): kernel and bias ~ U(+-1/sqrt(fan_in)).
-    bound = 1.0 / np.sqrt(fan_in)
-    k_kernel, k_bias = jax.random.split(key)
-    return {
-        "kernel": np.asarray(jax.random.uniform(k_kernel, (fan_in, num_classes), minval=-bound,
-                                                maxval=bound), np.float32),
-        "bias": np.asarray(jax.random.uniform(k_bias, (num_classes,), minval=-bound,
-                                              maxval=bound), np.float32),
-    }
-
-
 def imagenet_variables(
     arch: str, num_classes: int, key: jax.Array, *, weights_dir: os.PathLike = DEFAULT_DIR
 ) -> dict:
@@ -233,7 +221,7 @@ def imagenet_variables(
     variables = to_flax(load_state_dict(path), arch, source=str(path))
     if num_classes != IMAGENET_CLASSES:
         fan_in = variables["params"]["fc"]["kernel"].shape[0]
-        variables["params"]["fc"] = _fresh_head(key, fan_in, num_classes)
+        variables["params"]["fc"] = jax.device_get(models.fresh_head(key, fan_in, num_classes))
     return variables
 
 
