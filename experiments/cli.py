@@ -40,6 +40,75 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
 
 
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--compile_cache", default=None,
+                   help="JAX's persistent compilation cache: a directory, or 'none' (default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else $KDJAX_CACHE/jax or ~/.cache/kdjax/jax)")
+
+
+def enable_compile_cache(directory: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache (global JAX configuration: entry points only).
+
+    A ResNet KD step takes seconds to compile on a CPU and more on a GPU; with the cache a rerun
+    or a resumed run loads its executables instead. Returns the directory used (None: off).
+    """
+    import os
+
+    import jax
+
+    if directory is not None and directory.lower() == "none":
+        return None
+    if directory is None and jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir  # already set (JAX_COMPILATION_CACHE_DIR, tests)
+    if directory is None:
+        root = os.environ.get("KDJAX_CACHE") or os.path.join("~", ".cache", "kdjax")
+        directory = os.path.join(root, "jax")
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # cache every ResNet-sized program, not only those over jax's default 1 s compile time
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "multi-process (one process per host, JAX's distributed runtime; see README)")
+    g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="process 0's address and a free port, the same on every process")
+    g.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run, reading what the three flags above leave unset "
+                        "from the cluster environment (SLURM, Open MPI, Cloud TPU)")
+    g.add_argument("--local_device_ids", default=None, metavar="IDS",
+                   help="comma-separated accelerator ids this process uses (default: all visible)")
+    g.add_argument("--heartbeat_timeout", type=int, default=None, metavar="SECONDS",
+                   help="a process silent this long counts as dead and every other process stops "
+                        "(default 100)")
+    g.add_argument("--initialization_timeout", type=int, default=None, metavar="SECONDS",
+                   help="how long to wait for every process to join (default 300)")
+
+
+def init_distributed(args: argparse.Namespace) -> bool:
+    """Join the multi-process run the flags describe (before anything touches the JAX backend);
+    False for a plain single-process run."""
+    from kdjax import distributed
+
+    ids = None
+    if args.local_device_ids is not None:
+        try:
+            ids = [int(i) for i in args.local_device_ids.split(",")]
+        except ValueError:
+            raise distributed.DistributedConfigError(
+                f"--local_device_ids {args.local_device_ids!r} must be comma-separated integers") from None
+    timeouts = {k: v for k, v in (("heartbeat_timeout", args.heartbeat_timeout),
+                                  ("initialization_timeout", args.initialization_timeout)) if v is not None}
+    return distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, ids,
+                                  auto=args.distributed, **timeouts)
+
+
 def optim_config(args: argparse.Namespace) -> OptimConfig:
     return OptimConfig(lr=args.lr, momentum=args.momentum, step_size=args.step_size,
                        gamma=args.gamma, weight_decay=args.weight_decay)
@@ -57,18 +126,25 @@ def train_config(args: argparse.Namespace, distill=None):
 
 
 def load_data(args: argparse.Namespace):
-    from kdjax import data
+    from kdjax import data, distributed
 
-    return data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-                            skip_bad_images=args.skip_bad_images)
+    # process 0 downloads and decodes first: the others then find the shared cache filled
+    with distributed.primary_first("experiments.cli.load_data"):
+        return data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
+                                skip_bad_images=args.skip_bad_images)
+
+
+def accelerated() -> bool:
+    """Whether JAX runs on a GPU or TPU (what the speed defaults depend on)."""
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def default_dtype(requested: str | None) -> str:
-    import jax
-
     if requested is not None:
         return requested
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "bfloat16" if accelerated() else "float32"
 
 
 def setup_logging() -> None:
@@ -80,6 +156,21 @@ def setup_logging() -> None:
 def fail(prog: str, err: BaseException) -> int:
     print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
+
+
+def is_primary() -> bool:
+    """Whether this process prints the results (process 0 of a multi-process run)."""
+    from kdjax import distributed
+
+    return distributed.is_primary()
+
+
+def exit_with(main, prog: str):
+    """Exit with ``main()``'s status; in a multi-process run a failed process takes the others
+    down with it instead of leaving them waiting (``kdjax.distributed.exit_with``)."""
+    from kdjax import distributed
+
+    distributed.exit_with(main, prog)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -12,7 +12,6 @@ val epoch is kept as ``OUT/best`` (a model directory usable by kdjax.predict and
 from __future__ import annotations
 
 import argparse
-import sys
 
 from experiments import cli
 
@@ -24,17 +23,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")
     cli.add_data_flags(parser)
     cli.add_recipe_flags(parser, gamma=0.1)
+    cli.add_runtime_flags(parser)
+    cli.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
+    cli.enable_compile_cache(args.compile_cache)
 
     from kdjax import protocol
 
     try:
+        cli.init_distributed(args)  # first: before anything touches the JAX backend
         config = cli.train_config(args)
         dataset = cli.load_data(args)
         result = protocol.fine_tune_teacher(dataset, config, args.init, args.out)
     except cli.USER_ERRORS as err:
         return cli.fail("experiments.teacher", err)
+    if not cli.is_primary():
+        return 0
     n = dataset["val"].num_examples
     print(f"teacher: best val accuracy {result.best_val_acc:.6f} = {round(result.best_val_acc * n)}/{n} "
           f"at epoch {result.best_epoch}; model directory {result.workdir / 'best'}")
@@ -42,4 +47,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main, "experiments.teacher")

@@ -87,6 +87,16 @@ def fingerprint(variables: dict) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _local_checkpointer() -> ocp.Checkpointer:
+    """An orbax checkpointer for this process alone: a model directory holds host copies, so no
+    barrier with the other processes of a multi-process run is needed (nor wanted: only one
+    process writes, every process may read)."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=options),
+                            multiprocessing_options=options)
+
+
 def _host(variables: dict) -> dict:
     return {
         "params": jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables["params"]),
@@ -108,8 +118,12 @@ def save_model(
     """Write ``{'params', 'batch_stats'}`` and ``meta.json`` to ``directory`` atomically.
 
     An existing model directory at that path is replaced only once the new one is complete.
+    Host arrays are written by one process: in a multi-process run only process 0 may call
+    this (orbax writes numpy arrays from process 0 only), the others skip it.
     """
     directory = pathlib.Path(directory).absolute()
+    if jax.process_index() != 0:
+        raise RuntimeError(f"{directory}: model directories are written by process 0 only")
     variables = _host(variables)
     num_classes = int(variables["params"]["fc"]["bias"].shape[0])
     if len(class_names) != num_classes:
@@ -132,7 +146,7 @@ def save_model(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        with _local_checkpointer() as ckptr:
             ckptr.save(tmp / VARIABLES_DIR, args=ocp.args.StandardSave(variables))
         (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
         if directory.exists():
@@ -190,7 +204,7 @@ def load_model(
 
     ``arch``, when given, must match the directory's (a ResNet-18 student directory passed
     where a ResNet-50 teacher is expected fails here, by name). ``sharding`` places every leaf
-    (default: the first device).
+    (default: this process's first device). Every process of a multi-process run may load.
     """
     directory = pathlib.Path(directory).absolute()
     meta = read_meta(directory)
@@ -200,13 +214,13 @@ def load_model(
     if not variables_dir.is_dir():
         raise ModelDirError(f"{directory}: missing {VARIABLES_DIR}/ (incomplete model directory)")
     model = models.create_model(meta.arch, meta.num_classes, dtype)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sharding),
         models.abstract_variables(model, meta.image_size),
     )
     try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        with _local_checkpointer() as ckptr:
             variables = ckptr.restore(variables_dir, args=ocp.args.StandardRestore(abstract))
     except Exception as err:  # orbax raises several types for unreadable or misshapen trees
         raise ModelDirError(f"{variables_dir}: cannot restore weights for {meta.arch} ({err})") from err

@@ -148,18 +148,32 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
+def _head(num_classes: int, fan_in: int, dtype: Dtype, **kwargs) -> nn.Dense:
+    return nn.Dense(
+        num_classes,
+        kernel_init=_dense_kernel_init,
+        bias_init=_dense_bias_init(fan_in),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        **kwargs,
+    )
+
+
 class ResNet(nn.Module):
     """ResNet over NHWC float input; returns float32 logits ``[batch, num_classes]``.
 
     ``dtype`` is the compute dtype (bfloat16 on accelerators); parameters, BatchNorm statistics,
     the global pool and the logits stay float32. ``mask`` marks the real examples of a padded
-    batch so that train-mode BatchNorm ignores the padding.
+    batch so that train-mode BatchNorm ignores the padding. ``head=False`` stops at the pooled
+    features ``[batch, width]`` (the ``fc`` parameters are then not used); ``classify(model,
+    params['fc'], features)`` completes the same function.
     """
 
     stage_sizes: Sequence[int]
     block: type
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
+    head: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
@@ -175,16 +189,16 @@ class ResNet(nn.Module):
                     x, train, mask
                 )
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        fan_in = x.shape[-1]
-        x = nn.Dense(
-            self.num_classes,
-            kernel_init=_dense_kernel_init,
-            bias_init=_dense_bias_init(fan_in),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="fc",
-        )(x)
-        return x.astype(jnp.float32)
+        if not self.head:
+            return x
+        return _head(self.num_classes, x.shape[-1], self.dtype, name="fc")(x).astype(jnp.float32)
+
+
+def classify(model: ResNet, fc_params, features: jax.Array) -> jax.Array:
+    """``model``'s ``fc`` layer on its pooled ``features`` (``head=False`` output): float32
+    logits, the same function ``model`` applies after pooling."""
+    head = _head(model.num_classes, features.shape[-1], model.dtype, parent=None)
+    return head.apply({"params": fc_params}, features).astype(jnp.float32)
 
 
 ARCHS: dict[str, tuple[Sequence[int], type]] = {

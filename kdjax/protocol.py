@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-from typing import Sequence
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from kdjax import checkpoint, data, report, train, weights
-from kdjax.config import DistillConfig, TrainConfig
+from kdjax import checkpoint, data, distributed, report, sweep, train, weights
+from kdjax.config import TrainConfig
 
 TEACHER_ARCH = "resnet50"
 STUDENT_ARCH = "resnet18"
@@ -94,6 +93,18 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset) -> train.Teach
     return train.Teacher(model, variables, checkpoint.fingerprint(variables))
 
 
+def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> sweep.Run:
+    """Run ``run`` of ``alpha``: its config, directory and initial student (drawn from its seed, so
+    the alphas of one run start from the same student)."""
+    run_config = config.run_config(alpha, run)
+    student, provenance = weights.initial_variables(
+        config.init, STUDENT_ARCH, len(dataset.class_names), jax.random.key(run_config.seed),
+        image_size=run_config.image_size,
+    )
+    return sweep.Run(run_config, out / alpha_dir(alpha) / f"run_{run}", student,
+                     {"role": "student", "alpha": alpha, "run": run, **provenance})
+
+
 def run_paper(
     config: PaperConfig,
     dataset: data.Dataset,
@@ -102,31 +113,35 @@ def run_paper(
     *,
     plots: bool = True,
     tensorboard: bool = True,
-) -> dict:
+    vectorize: bool = False,
+) -> dict | None:
     """Every (alpha, run) of the study, then ``summary.{md,json}``, plots and event files.
 
-    Returns the summary (as written to ``summary.json``).
+    ``vectorize`` trains all runs together as one program (``kdjax.sweep``: same metrics, one
+    teacher pass per seed and step); otherwise one after another. Either way resumes the other's
+    directories. Returns the summary (as written to ``summary.json``); in a multi-process run
+    process 0 alone writes summary, plots and event files, and the others return None.
     """
     out = pathlib.Path(out).absolute()
-    runs_by_alpha: dict[float, list[list[dict]]] = {}
     jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
-    bar = tqdm(jobs, desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
-    for alpha, run in bar:
-        bar.set_postfix_str(f"alpha={alpha:g} run={run}")
-        run_config = config.run_config(alpha, run)
-        workdir = out / alpha_dir(alpha) / f"run_{run}"
-        key = jax.random.key(run_config.seed)
-        student, provenance = weights.initial_variables(
-            config.init, STUDENT_ARCH, len(dataset.class_names), key, image_size=run_config.image_size
-        )
-        result = train.train_and_evaluate(
-            run_config, workdir, dataset, student, student_arch=STUDENT_ARCH, teacher=teacher,
-            provenance={"role": "student", "alpha": alpha, "run": run, **provenance},
-        )
+    runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
+    if vectorize:
+        results = sweep.train_runs(runs, dataset, student_arch=STUDENT_ARCH, teacher=teacher)
+    else:
+        results = []
+        bar = tqdm(list(zip(jobs, runs)), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
+        for (alpha, run), r in bar:
+            bar.set_postfix_str(f"alpha={alpha:g} run={run}")
+            results.append(train.train_and_evaluate(
+                r.config, r.workdir, dataset, r.student_variables, student_arch=STUDENT_ARCH,
+                teacher=teacher, provenance=r.provenance,
+            ))
+        bar.close()
+    runs_by_alpha: dict[float, list[list[dict]]] = {}
+    for (alpha, run), result in zip(jobs, results):
         runs_by_alpha.setdefault(alpha, []).append(result.history)
-        if tensorboard:
+        if tensorboard and distributed.is_primary():
             report.write_tensorboard(out / "tensorboard" / alpha_dir(alpha) / f"run_{run}", result.history, purge_step=1)
-    bar.close()
 
     num_val = dataset["val"].num_examples
     extra = {
@@ -136,7 +151,10 @@ def run_paper(
         "alphas": list(config.alphas),
         "n_exp": config.n_exp,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
     }
+    if not distributed.is_primary():
+        return None
     summary = report.write_summary(out, runs_by_alpha, num_val, extra=extra)
     if plots:
         report.plot_curves(out / "plots", runs_by_alpha)

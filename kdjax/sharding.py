@@ -37,6 +37,12 @@ def steps_batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, DATA_AXIS))
 
 
+def batch_sharding_at(mesh: Mesh, batch_axis: int) -> NamedSharding:
+    """Arrays whose axis ``batch_axis`` is the batch (stacked per run or per step in front of
+    it): that axis split over ``'data'`` as ``batch_sharding`` splits a single batch."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device (model state, teacher variables, the cached dataset)."""
     return NamedSharding(mesh, P())
