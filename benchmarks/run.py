@@ -2,25 +2,37 @@
 
 Measures (a) the KD train step alone on a fixed synthetic batch (ResNet-18 student, frozen
 ResNet-50 teacher, random init), (b) the compile time of the kdjax step (lower and compile
-apart) and, without ``--quick``, (c) one epoch including data on the real set. kdjax and torch
-are timed round by round, interleaved, so that load from other processes on the shared machine
-hits both alike; each figure is the median over the rounds, with ``os.getloadavg()`` alongside.
+apart), (c) without ``--quick``, one epoch including data on the real set and, with
+``--protocol``, (d) the study's whole wall time, compilation included: 3 alphas x
+``--protocol_runs`` runs x ``--protocol_epochs`` epochs of distillation from a given teacher
+(a random-init ResNet-50 with calibrated BatchNorm statistics: timing needs no trained one; its
+construction is timed apart), kdjax through ``kdjax.protocol.run_paper`` against the reference's
+``run_protocol`` with its DataLoader. Steps and epochs are timed round by round, interleaved,
+so that load from other processes on the shared machine hits both alike; each figure is the
+median over the rounds, with ``os.getloadavg()`` alongside. A protocol is timed once per
+framework, kdjax first, after ``jax.clear_caches()`` so that its wall time holds every
+compilation; it is not part of ``--quick`` (on a 2-core CPU even 3 alphas x 1 run x 1 epoch at
+112 px takes well over 10 minutes for both frameworks).
 
-    python -m benchmarks.run [--quick] [--out FILE.jsonl] [--device cpu|gpu] [--threads 2]
+    python -m benchmarks.run [--quick] [--protocol] [--device cpu|gpu] [--dtype bfloat16]
+        [--image_size 224] [--batch 32 256] [--mode fc all] [--out FILE.jsonl]
 
 One JSON line per measurement on stdout (and ``--out``), then a markdown table of the
-kdjax/PyTorch images-per-second ratios on stderr.
+kdjax/PyTorch images-per-second ratios on stderr (for a protocol: train images over wall time,
+so the ratio is the reference's wall time over kdjax's).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -30,36 +42,53 @@ import numpy as np
 import torch
 
 from benchmarks import torch_reference as tr
+from kdjax import augment, checkpoint, data, models, protocol, sharding, train
 from kdjax import config as kconfig
-from kdjax import data, models, train
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 DEFAULT_THREADS = 2
 NUM_CLASSES = 2
 TORCH_VARIANTS = tr.VARIANTS  # ("clean", "seed_as_executed")
 DEVICES = {"cpu": ("cpu", "cpu"), "gpu": ("cuda", "cuda")}  # --device -> (jax platform, torch device)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+VECTORIZE = ("auto", "on", "off", "both")
+RANDOM_TEACHER = "random-init ResNet-50, BatchNorm statistics calibrated on 8 train images"
 
 Timer = Callable[[], float]  # runs one measured unit (a step, an epoch), returns wall seconds
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark point; ``torch_device`` and ``threads`` concern the reference only."""
+    """One benchmark point; ``torch_device``, ``threads`` and ``workers`` (DataLoader workers)
+    concern the reference only. ``dtype`` is kdjax's compute dtype; with ``bfloat16`` the
+    reference runs its forwards under bfloat16 autocast, the nearest like-for-like."""
 
     mode: str = "fc"
     image_size: int = 112
     batch: int = 32
     torch_device: str = "cpu"
     threads: int = DEFAULT_THREADS
+    dtype: str = "float32"
+    workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """The study's size: every alpha, ``runs`` runs each, ``epochs`` epochs per run."""
+
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    runs: int = 4
+    epochs: int = 25
 
 
 # --------------------------------------------------------------------------- kdjax side
 
 
 def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
+    dtype = DTYPES[case.dtype]
     return train.StepSpec(
-        student=models.create_model("resnet18", NUM_CLASSES),
-        teacher=models.create_model("resnet50", NUM_CLASSES),
+        student=models.create_model("resnet18", NUM_CLASSES, dtype),
+        teacher=models.create_model("resnet50", NUM_CLASSES, dtype),
         optim=kconfig.OptimConfig(),
         steps_per_epoch=steps_per_epoch,
         student_train=case.mode,
@@ -107,18 +136,26 @@ def kdjax_step_timer(case: Case) -> tuple[Timer, dict[str, float]]:
     return step, {"lower": t1 - t0, "compile": t2 - t1}
 
 
-def kdjax_epoch_timer(case: Case, data_dir: pathlib.Path) -> tuple[Timer, int]:
-    """A timer of one kdjax epoch on device-resident data (augmentation on the device, a host
-    loop of jitted steps as ``train_and_evaluate`` runs on CPU) plus the student's val logits;
-    the teacher's val logits are per run in kdjax, so outside the epoch. Returns it and the
-    number of train images."""
-    dataset = data.load_splits(data_dir, image_size=case.image_size)
-    train_split = jax.device_put(dataset["train"].train)
-    val_images = jax.device_put(dataset["val"].eval.images)
+def _scan_epochs() -> bool:
+    # what train_and_evaluate chooses: one scanned program per epoch except on CPU
+    return jax.default_backend() != "cpu"
+
+
+def kdjax_epoch_timer(case: Case, data_dir: pathlib.Path, cache_dir=None) -> tuple[Timer, int]:
+    """A timer of one kdjax epoch on device-resident data (augmentation on the device; a scanned
+    epoch on accelerators, a host loop of jitted steps on CPU, as ``train_and_evaluate`` runs)
+    plus the student's val logits; the teacher's val logits are per run in kdjax, so outside
+    the epoch. Returns it and the number of train images."""
+    dataset = data.load_splits(data_dir, image_size=case.image_size, cache_dir=cache_dir)
+    # the layout train_and_evaluate uses: data and state replicated, batches split over 'data'
+    mesh = sharding.data_mesh()
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    train_split = jax.device_put(dataset["train"].train, repl)
+    val_images = jax.device_put(dataset["val"].eval.images, repl)
     num_train = dataset["train"].num_examples
     spec = _step_spec(case, kconfig.steps_per_epoch(num_train, case.batch))
-    state, teacher_vars = _fresh_state(spec, case)
-    hparams = _hparams()
+    state, teacher_vars = jax.device_put(_fresh_state(spec, case), repl)
+    hparams = jax.device_put(_hparams(), repl)
     holder, epoch = [state], [0]
 
     def run() -> float:
@@ -126,14 +163,93 @@ def kdjax_epoch_timer(case: Case, data_dir: pathlib.Path) -> tuple[Timer, int]:
         order, mask = data.epoch_order(num_train, case.batch, 0, epoch[0])
         holder[0], metrics = train.run_epoch(
             holder[0], teacher_vars, train_split, order, mask, 0, epoch[0], hparams,
-            spec, None, scan=False,
+            spec, batch_sh, scan=_scan_epochs(),
         )
         s_vars = {"params": holder[0].params, "batch_stats": holder[0].batch_stats}
-        jax.block_until_ready(train.all_logits(spec.student, s_vars, val_images, case.batch))
+        jax.block_until_ready(train.all_logits(spec.student, s_vars, val_images, case.batch, batch_sh))
         epoch[0] += 1
         return time.perf_counter() - start
 
     return run, num_train
+
+
+def random_teacher_variables(dataset: data.Dataset, image_size: int, seed: int = 1, n: int = 8) -> dict:
+    """A random-init ResNet-50's variables with BatchNorm running statistics those of ``n`` train
+    images (eval views). With init statistics 0/1 a random ResNet-50's eval-mode activations
+    grow block after block (logits in the hundreds), and a logit MSE against them is unlike a
+    real run's; the reference calibrates its random teacher the same way."""
+    model = models.create_model(protocol.TEACHER_ARCH, len(dataset.class_names))
+    variables = models.init_variables(model, jax.random.key(seed), image_size)
+    views = dataset["train"].eval.images
+    picks = np.linspace(0, len(views) - 1, min(n, len(views))).round().astype(int)
+    apply = jax.jit(lambda v, x: model.apply(v, augment.normalize(x), train=True, mutable=["batch_stats"]))
+    _, updates = apply(variables, jnp.asarray(views[picks]))
+    # One train-mode pass moves running = m * running + (1 - m) * batch; solve for the batch's.
+    m = models.BatchNorm.momentum
+    stats = jax.tree_util.tree_map(lambda new, old: (new - m * old) / (1 - m),
+                                   updates["batch_stats"], variables["batch_stats"])
+    return jax.device_get({"params": variables["params"], "batch_stats": stats})
+
+
+def given_teacher(dataset: data.Dataset, image_size: int, workdir: pathlib.Path) -> train.Teacher:
+    """The random teacher handed over as a study gets its teacher: saved as a model directory
+    and read back by ``protocol.load_teacher``, so that it enters ``run_paper`` exactly as a
+    real teacher does (which then computes in the run's dtype)."""
+    checkpoint.save_model(
+        workdir / "teacher", random_teacher_variables(dataset, image_size),
+        arch=protocol.TEACHER_ARCH, class_names=dataset.class_names, image_size=image_size,
+        provenance={"role": "teacher", "benchmark": RANDOM_TEACHER},
+    )
+    return protocol.load_teacher(workdir / "teacher", dataset)
+
+
+def supports_vectorize() -> bool:
+    """Whether this kdjax's ``protocol.run_paper`` can train a study's runs together (vmap)."""
+    return "vectorize" in inspect.signature(protocol.run_paper).parameters
+
+
+def vectorize_choices(requested: str, supported: bool) -> list[bool | None]:
+    """The ``run_paper`` paths to time for ``--vectorize``: True/False for its ``vectorize``
+    keyword, None for a ``run_paper`` without one. ``auto`` is both where both exist."""
+    if requested not in VECTORIZE:
+        raise ValueError(f"--vectorize must be one of {VECTORIZE}, got {requested!r}")
+    if not supported:
+        if requested in ("on", "both"):
+            raise ValueError(f"--vectorize {requested}: kdjax.protocol.run_paper has no 'vectorize' keyword")
+        return [None]
+    return {"auto": [False, True], "both": [False, True], "on": [True], "off": [False]}[requested]
+
+
+def kdjax_protocol(case: Case, proto: Protocol, data_dir: pathlib.Path, vectorize: bool | None,
+                   workdir: pathlib.Path, cache_dir=None) -> dict:
+    """One whole study through ``run_paper`` (scratch students, the random teacher, checkpoints
+    every epoch; no plots and no TensorBoard files, which the reference does not write either).
+    Returns wall seconds per phase (``wall_s``: data + training; the teacher is given, so
+    building it is timed apart), and the image counts."""
+    t0 = time.perf_counter()
+    dataset = data.load_splits(data_dir, image_size=case.image_size, cache_dir=cache_dir)
+    t1 = time.perf_counter()
+    teacher = given_teacher(dataset, case.image_size, workdir)
+    t2 = time.perf_counter()
+    config = protocol.PaperConfig(
+        alphas=proto.alphas,
+        n_exp=proto.runs,
+        init="scratch",
+        train=kconfig.TrainConfig(
+            distill=kconfig.DistillConfig(student_train=case.mode),
+            num_epochs=proto.epochs,
+            batch_size=case.batch,
+            image_size=case.image_size,
+            compute_dtype=case.dtype,
+        ),
+    )
+    extra = {} if vectorize is None else {"vectorize": vectorize}
+    protocol.run_paper(config, dataset, teacher, workdir / "study", plots=False, tensorboard=False, **extra)
+    t3 = time.perf_counter()
+    return {
+        "wall_s": (t1 - t0) + (t3 - t2), "data_s": t1 - t0, "teacher_s": t2 - t1, "train_s": t3 - t2,
+        "num_train": dataset["train"].num_examples, "decoded": dataset.decoded,
+    }
 
 
 # --------------------------------------------------------------------------- torch side
@@ -149,6 +265,9 @@ def _reference_config(case: Case, variant: str, data_dir=None) -> tr.ReferenceCo
         num_classes=NUM_CLASSES,
         threads=case.threads,
         device=case.torch_device,
+        amp_bf16=case.dtype == "bfloat16",
+        num_workers=case.workers,
+        persistent_workers=case.workers > 0,
     )
 
 
@@ -166,7 +285,16 @@ def torch_epoch_timer(case: Case, variant: str, data_dir: pathlib.Path) -> Timer
     return lambda: ref.run_epoch()["epoch_s"]
 
 
-# --------------------------------------------------------------------------- protocol
+def torch_protocol(case: Case, proto: Protocol, data_dir: pathlib.Path, variant: str = "clean") -> dict:
+    """The same study in the reference (random students, a random calibrated teacher); its
+    data loading happens inside training, in the DataLoader. ``wall_s`` leaves the teacher's
+    construction out, as kdjax's does."""
+    result = tr.run_protocol(_reference_config(case, variant, data_dir), proto.alphas, proto.runs, proto.epochs)
+    train_s = result["wall_s"] - result["teacher_s"]
+    return {"wall_s": train_s, "teacher_s": result["teacher_s"], "train_s": train_s}
+
+
+# --------------------------------------------------------------------------- measurements
 
 
 def interleave(timers: Mapping[str, Timer], rounds: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
@@ -196,6 +324,7 @@ def record(name: str, framework: str, variant: str, case: Case, images: int | No
         "mode": case.mode,
         "image_size": case.image_size,
         "batch": case.batch,
+        "dtype": case.dtype,
         "median_s": median,
         "images_per_s": images / median if images and median > 0 else None,
         "rounds": len(times),
@@ -222,93 +351,205 @@ def measure_step(case: Case, rounds: int = 5, warmup: int = 2) -> list[dict]:
 
 
 def measure_epoch(case: Case, data_dir: pathlib.Path, rounds: int = 3, warmup: int = 1,
-                  variants: Sequence[str] = ("clean",)) -> list[dict]:
+                  variants: Sequence[str] = ("clean",), cache_dir=None) -> list[dict]:
     """One epoch including data on the real set, kdjax against the reference's ``variants``."""
-    kd_epoch, num_train = kdjax_epoch_timer(case, data_dir)
+    kd_epoch, num_train = kdjax_epoch_timer(case, data_dir, cache_dir)
     timers = {"kdjax": kd_epoch, **{v: torch_epoch_timer(case, v, data_dir) for v in variants}}
     results = interleave(timers, rounds, warmup)
-    records = [record("epoch", "kdjax", "host_loop", case, num_train, results["kdjax"])]
+    kd_variant = "scan" if _scan_epochs() else "host_loop"
+    records = [record("epoch", "kdjax", kd_variant, case, num_train, results["kdjax"])]
     records += [record("epoch", "torch", v, case, num_train, results[v]) for v in variants]
     return records
 
 
+def protocol_record(framework: str, variant: str, case: Case, proto: Protocol, timing: Mapping,
+                    num_train: int) -> dict:
+    """A protocol measurement: one timed unit (the whole study from a given teacher: data and
+    training, compilation included; ``teacher_s``, building the random teacher, is outside it),
+    its phases and its size; throughput counts train images (alphas x runs x epochs x train set)
+    over the wall time."""
+    images = len(proto.alphas) * proto.runs * proto.epochs * num_train
+    r = record("protocol", framework, variant, case, images, [(timing["wall_s"], os.getloadavg()[0])])
+    r.update({
+        "alphas": list(proto.alphas), "runs": proto.runs, "epochs": proto.epochs,
+        "teacher": RANDOM_TEACHER, "student_init": "scratch (random)",
+        **{k: v for k, v in timing.items() if k.endswith("_s")},
+    })
+    if framework == "torch":
+        r["workers"] = case.workers
+    return r
+
+
+def measure_protocol(case: Case, proto: Protocol, data_dir: pathlib.Path, vectorize: str = "auto",
+                     torch_variants: Sequence[str] = ("clean",), cache_dir=None,
+                     emit: Callable[[dict], None] | None = None) -> list[dict]:
+    """The whole study's wall time, kdjax (each ``vectorize`` path, caches cleared first) and
+    then the reference (``torch_variants``; the seed's defect would double its time)."""
+    records, num_train = [], None
+    for vec in vectorize_choices(vectorize, supports_vectorize()):
+        jax.clear_caches()  # the wall time must hold every compilation, as in a fresh process
+        with tempfile.TemporaryDirectory(prefix="kdjax-protocol-") as workdir:
+            timing = kdjax_protocol(case, proto, data_dir, vec, pathlib.Path(workdir), cache_dir)
+        num_train = timing["num_train"]
+        variant = "vectorized" if vec else "sequential"
+        records.append(protocol_record("kdjax", variant, case, proto, timing, num_train))
+        # a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) would hide compile time
+        records[-1].update(data_decoded=timing["decoded"],
+                           compile_cache=jax.config.jax_compilation_cache_dir or None)
+        if emit is not None:
+            emit(records[-1])
+    for v in torch_variants:
+        records.append(protocol_record("torch", v, case, proto, torch_protocol(case, proto, data_dir, v), num_train))
+        if emit is not None:
+            emit(records[-1])
+    return records
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _point(r: Mapping) -> tuple:
+    """What makes two records comparable: the measurement, its case and, for a protocol, its size."""
+    alphas = r.get("alphas")
+    return (r["name"], r["mode"], r["image_size"], r["batch"], r.get("dtype"),
+            None if alphas is None else tuple(alphas), r.get("runs"), r.get("epochs"))
+
+
 def ratios(records: Iterable[dict]) -> list[dict]:
-    """kdjax images/s over the reference's, per measurement point and reference variant."""
+    """kdjax images/s over the reference's, per measurement point, kdjax path and reference
+    variant."""
     records = list(records)
-    key = lambda r: (r["name"], r["mode"], r["image_size"], r["batch"])  # noqa: E731
-    kdjax = {key(r): r for r in records if r["framework"] == "kdjax" and r["images_per_s"]}
     out = []
-    for r in records:
-        mine = kdjax.get(key(r))
-        if r["framework"] == "torch" and mine is not None:
-            out.append({
-                "name": r["name"], "mode": r["mode"], "image_size": r["image_size"],
-                "batch": r["batch"], "variant": r["variant"],
-                "kdjax_images_per_s": mine["images_per_s"], "torch_images_per_s": r["images_per_s"],
-                "ratio": mine["images_per_s"] / r["images_per_s"],
-            })
+    for mine in records:
+        if mine["framework"] != "kdjax" or not mine["images_per_s"]:
+            continue
+        for r in records:
+            if r["framework"] == "torch" and _point(r) == _point(mine) and r["images_per_s"]:
+                out.append({
+                    "name": r["name"], "mode": r["mode"], "image_size": r["image_size"],
+                    "batch": r["batch"], "dtype": r.get("dtype"), "alphas": r.get("alphas"), "runs": r.get("runs"),
+                    "epochs": r.get("epochs"), "kdjax_variant": mine["variant"], "variant": r["variant"],
+                    "kdjax_images_per_s": mine["images_per_s"], "torch_images_per_s": r["images_per_s"],
+                    "ratio": mine["images_per_s"] / r["images_per_s"],
+                })
     return out
 
 
 def markdown_table(records: Iterable[dict]) -> str:
-    """The ratio table, plus the compile times."""
+    """The ratio table, then the protocols' wall times and the compile times."""
     records = list(records)
     lines = [
-        "| measurement | mode | px | batch | kdjax img/s | torch variant | torch img/s | kdjax/torch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| measurement | mode | px | batch | dtype | kdjax | kdjax img/s | torch variant | torch img/s | kdjax/torch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ratios(records):
+        name = r["name"] if r["runs"] is None else f"{r['name']} {len(r['alphas'])}x{r['runs']}x{r['epochs']}"
         lines.append(
-            f"| {r['name']} | {r['mode']} | {r['image_size']} | {r['batch']} | "
-            f"{r['kdjax_images_per_s']:.1f} | {r['variant']} | {r['torch_images_per_s']:.1f} | "
-            f"{r['ratio']:.2f} |"
+            f"| {name} | {r['mode']} | {r['image_size']} | {r['batch']} | {r['dtype']} | "
+            f"{r['kdjax_variant']} | {r['kdjax_images_per_s']:.1f} | {r['variant']} | "
+            f"{r['torch_images_per_s']:.1f} | {r['ratio']:.2f} |"
         )
+    protocols = [r for r in records if r["name"] == "protocol"]
     compiles = [r for r in records if r["name"] == "compile"]
-    if compiles:
+    if protocols or compiles:
         lines.append("")
+    for r in protocols:
+        phases = ", ".join(f"{k[:-2]} {r[k]:.1f} s" for k in ("data_s", "train_s") if k in r)
+        lines.append(
+            f"protocol {r['framework']} {r['variant']} ({len(r['alphas'])} alphas x {r['runs']} runs x "
+            f"{r['epochs']} epochs, {r['mode']}, {r['image_size']} px, {r['dtype']}): "
+            f"{r['median_s']:.1f} s wall ({phases}; building the random teacher, apart: "
+            f"{r.get('teacher_s', float('nan')):.1f} s)"
+        )
     for r in compiles:
         lines.append(f"kdjax {r['variant']} ({r['mode']}, {r['image_size']} px, batch "
-                     f"{r['batch']}): {r['median_s']:.1f} s")
+                     f"{r['batch']}, {r['dtype']}): {r['median_s']:.1f} s")
     return "\n".join(lines)
 
 
-def plan(quick: bool, torch_device: str, threads: int) -> tuple[list[Case], list[Case]]:
-    """The step cases and epoch cases to run."""
-    base = Case(torch_device=torch_device, threads=threads)
-    if quick:
-        return [dataclasses.replace(base, mode="fc", image_size=112, batch=32)], []
-    steps = [
-        dataclasses.replace(base, mode=m, image_size=s, batch=b)
-        for s in (112, 224) for b in (32, 256) for m in ("fc", "all")
-    ]
-    epochs = [dataclasses.replace(base, mode="fc", image_size=s, batch=32) for s in (112, 224)]
-    return steps, epochs
+# --------------------------------------------------------------------------- plan and CLI
 
 
-def run(quick: bool, torch_device: str, threads: int, data_dir: pathlib.Path,
-        emit: Callable[[dict], None]) -> list[dict]:
-    """Every measurement of the plan, each record passed to ``emit`` as soon as it exists."""
-    step_cases, epoch_cases = plan(quick, torch_device, threads)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    steps: tuple[Case, ...]
+    epochs: tuple[Case, ...]
+    protocols: tuple[Case, ...]
+    protocol: Protocol = Protocol()
+
+
+def plan(quick: bool, torch_device: str, threads: int, *, dtype: str = "float32", workers: int = 0,
+         image_sizes: Sequence[int] | None = None, batches: Sequence[int] | None = None,
+         modes: Sequence[str] | None = None, protocol: bool = False, protocol_runs: int | None = None,
+         protocol_epochs: int | None = None, skip: Sequence[str] = ()) -> Plan:
+    """The cases to run. Steps vary size x batch x mode; epochs and protocols run at the seed's
+    batch 32 in its ``fc`` mode. ``image_sizes``, ``batches`` and ``modes`` replace the defaults
+    (``image_sizes`` for every measurement). A quick protocol is 1 run x 1 epoch at 112 px
+    unless told otherwise; a full one is the study's 4 runs x 25 epochs at 224 px."""
+    base = Case(torch_device=torch_device, threads=threads, dtype=dtype, workers=workers)
+    sizes = tuple(image_sizes or ((112,) if quick else (112, 224)))
+    batches = tuple(batches or ((32,) if quick else (32, 256)))
+    modes = tuple(modes or (("fc",) if quick else ("fc", "all")))
+    steps = tuple(dataclasses.replace(base, mode=m, image_size=s, batch=b)
+                  for s in sizes for b in batches for m in modes)
+    epochs = () if quick else tuple(dataclasses.replace(base, image_size=s) for s in sizes)
+    protocols = ()
+    if protocol:
+        protocols = tuple(dataclasses.replace(base, image_size=s)
+                          for s in (image_sizes or ((112,) if quick else (224,))))
+    proto = Protocol(runs=protocol_runs or (1 if quick else 4), epochs=protocol_epochs or (1 if quick else 25))
+    return Plan(steps=() if "step" in skip else steps, epochs=() if "epoch" in skip else epochs,
+                protocols=protocols, protocol=proto)
+
+
+def run(the_plan: Plan, data_dir: pathlib.Path, emit: Callable[[dict], None], *, rounds: int = 5,
+        epoch_rounds: int = 3, vectorize: str = "auto", cache_dir=None) -> list[dict]:
+    """Every measurement of the plan, protocols first (their wall time must include cold
+    compilations, and on a leased GPU they matter most), each record passed to ``emit`` as soon
+    as it exists."""
     records = []
-    for case in step_cases:
-        for r in measure_step(case, rounds=5):
-            emit(r)
-            records.append(r)
-    for case in epoch_cases:
-        for r in measure_epoch(case, data_dir, variants=TORCH_VARIANTS):
-            emit(r)
-            records.append(r)
+
+    def keep(r: dict) -> None:
+        emit(r)
+        records.append(r)
+
+    for case in the_plan.protocols:
+        measure_protocol(case, the_plan.protocol, data_dir, vectorize, cache_dir=cache_dir, emit=keep)
+    for case in the_plan.steps:
+        for r in measure_step(case, rounds=rounds):
+            keep(r)
+    for case in the_plan.epochs:
+        for r in measure_epoch(case, data_dir, rounds=epoch_rounds, variants=TORCH_VARIANTS,
+                               cache_dir=cache_dir):
+            keep(r)
     return records
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--quick", action="store_true", help="112 px, batch 32, fc mode, step + compile")
+    p.add_argument("--quick", action="store_true",
+                   help="112 px, batch 32, fc mode, step + compile (a protocol: 1 run x 1 epoch)")
+    p.add_argument("--protocol", action="store_true", help="also time the whole study (see above)")
+    p.add_argument("--protocol_runs", type=int, default=None, help="runs per alpha (default 4; quick 1)")
+    p.add_argument("--protocol_epochs", type=int, default=None, help="epochs per run (default 25; quick 1)")
+    p.add_argument("--vectorize", choices=VECTORIZE, default="auto",
+                   help="run_paper paths to time: auto = both where run_paper has 'vectorize'")
+    p.add_argument("--image_size", type=int, nargs="+", default=None, help="replaces every size")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="replaces the step batches")
+    p.add_argument("--mode", choices=kconfig.STUDENT_TRAIN_MODES, nargs="+", default=None,
+                   help="replaces the step modes")
+    p.add_argument("--skip", choices=("step", "epoch"), nargs="+", default=(), help="measurements to leave out")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of each step case")
+    p.add_argument("--epoch_rounds", type=int, default=3, help="timed rounds of each epoch case")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="kdjax compute dtype (bfloat16 on GPU; the reference then autocasts to bfloat16)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--device", choices=sorted(DEVICES), default="cpu")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch.set_num_threads")
+    p.add_argument("--workers", type=int, default=0, help="the reference's DataLoader workers")
     p.add_argument("--data_dir", type=pathlib.Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="kdjax's decode cache")
     return p
 
 
@@ -317,6 +558,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     jax_platform, torch_device = DEVICES[args.device]
     jax.config.update("jax_platforms", jax_platform)
     torch.set_num_threads(args.threads)
+    the_plan = plan(
+        args.quick, torch_device, args.threads, dtype=args.dtype, workers=args.workers,
+        image_sizes=args.image_size, batches=args.batch, modes=args.mode, protocol=args.protocol,
+        protocol_runs=args.protocol_runs, protocol_epochs=args.protocol_epochs, skip=args.skip,
+    )
+    vectorize_choices(args.vectorize, supports_vectorize())  # a bad --vectorize fails before any work
     out = open(args.out, "a") if args.out else None
 
     def emit(r: dict) -> None:
@@ -327,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.flush()
 
     t0 = time.perf_counter()
-    records = run(args.quick, torch_device, args.threads, args.data_dir, emit)
+    records = run(the_plan, args.data_dir, emit, rounds=args.rounds, epoch_rounds=args.epoch_rounds,
+                  vectorize=args.vectorize, cache_dir=args.cache_dir)
     if out is not None:
         out.close()
     print(markdown_table(records), file=sys.stderr)

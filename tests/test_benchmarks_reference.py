@@ -122,6 +122,7 @@ def test_cli_prints_one_json_line_per_epoch_and_a_summary(image_folder, capsys):
     assert lines[2]["measure"] == "protocol"
     assert set(lines[2]["summary"]) == {"0.0", "1.0"}
     assert lines[2]["summary"]["0.0"]["epoch_acc_l"]["std"] == 0.0  # one epoch of one run
+    assert 0 < lines[2]["teacher_s"] < lines[2]["wall_s"]  # the teacher is built once, inside
 
 
 def test_config_rejects_unknown_names():
