@@ -108,3 +108,95 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
 def test_create_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="resnet34"):
         models.create_model("resnet34", 2)
+
+
+# --------------------------------------------------------------------------- CPU kernels
+# On CPU, train-mode BatchNorm reduces with dots and max-pool has its own gradient
+# (kdjax.models explains why). Both must compute torch's function and torch's gradient.
+
+
+def _torch_batch_norm(x_nhwc, scale, bias, grad_y):
+    import torch
+
+    x = torch.tensor(np.moveaxis(x_nhwc, -1, 1), requires_grad=True)
+    bn = torch.nn.BatchNorm2d(x.shape[1]).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(scale))
+        bn.bias.copy_(torch.tensor(bias))
+    y = bn(x)
+    y.backward(torch.tensor(np.moveaxis(grad_y, -1, 1)))
+    return (np.moveaxis(y.detach().numpy(), 1, -1), np.moveaxis(x.grad.numpy(), 1, -1),
+            bn.weight.grad.numpy(), bn.bias.grad.numpy())
+
+
+def test_cpu_batch_norm_and_its_gradient_match_torch_with_a_mask():
+    """Padded examples (mask 0) change neither the real examples' output nor any gradient.
+    Tolerance 1e-5 relative to each quantity's scale: float32 sums over 3x7x5 positions in
+    different orders differ by ~1e-7; a wrong term of the gradient formula is off by >= 1e-2."""
+    rng = np.random.default_rng(0)
+    real = (rng.standard_normal((3, 7, 5, 6)) * 3 + 2).astype(np.float32)
+    x = np.concatenate([real, 100 * rng.standard_normal((2, 7, 5, 6)).astype(np.float32)])
+    scale = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    g[3:] = 0  # the loss masks padded examples, so their output gets no gradient
+    mask = jnp.asarray([1, 1, 1, 0, 0], jnp.float32)
+    weights = mask / (3 * 7 * 5)
+
+    def f(x, s, b):
+        return models.batch_norm_train(x, s, b, weights)[0]
+
+    y, vjp = jax.vjp(jax.jit(f), jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    dx, ds, db = vjp(jnp.asarray(g))
+    want = _torch_batch_norm(real, scale, bias, g[:3])
+    for ours, theirs in zip((np.asarray(y)[:3], np.asarray(dx)[:3], ds, db), want):
+        assert np.max(np.abs(np.asarray(ours) - theirs)) <= 1e-5 * (1 + np.max(np.abs(theirs)))
+    assert np.all(np.asarray(dx)[3:] == 0)
+
+
+def test_cpu_batch_norm_vjp_equals_autodiff_of_the_reductions():
+    """The hand-written gradient of the dot path (kdjax.models._batch_norm_by_dot_bwd) against
+    jax's autodiff of the plain reductions, cotangents on y, mean and var alike."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray((rng.standard_normal((4, 5, 3, 8)) * 2 + 1).astype(np.float32))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    bias = jnp.asarray(rng.standard_normal(8).astype(np.float32))
+    weights = jnp.asarray([1, 0, 1, 1], jnp.float32) / 45
+    cts = (jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)),
+           jnp.asarray(rng.standard_normal(8).astype(np.float32)),
+           jnp.asarray(rng.standard_normal(8).astype(np.float32)))
+    results = []
+    for impl in (models._batch_norm_by_dot, models._batch_norm_by_reduce):
+        out, vjp = jax.vjp(lambda x, s, b: impl(x, s, b, weights, 1e-5, jnp.float32), x, scale, bias)
+        results.append((*out, *vjp(cts)))
+    for ours, autodiff in zip(*results):
+        assert np.max(np.abs(ours - autodiff)) <= 1e-5 * (1 + np.max(np.abs(autodiff)))
+
+
+def test_cpu_batch_norm_statistics_compile_without_reductions():
+    """The speed of train-mode BatchNorm on CPU rests on XLA seeing dots, not reduce ops (its
+    slow column reductions); this fails if the CPU branch is no longer the one compiled."""
+    x = jnp.ones((8, 6, 6, 16))
+    hlo = jax.jit(lambda x: models.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), jnp.full(8, 1 / 288))
+                  ).lower(x).compile().as_text()
+    assert " reduce(" not in hlo and "dot(" in hlo
+
+
+def test_cpu_max_pool_and_its_gradient_equal_torch_with_ties():
+    """The forward bitwise; each window's gradient goes to its first maximal entry in scan order
+    as in torch's CPU kernel, ties included (a block of zeros below, as after a ReLU). An entry
+    in several windows sums their gradients in another order than torch: 1e-6 absolute on
+    gradients of size ~1 (float32 rounding), while a misrouted one is off by ~1."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 11, 9, 3)).astype(np.float32)
+    x[0, :4, :4] = 0.0
+    g = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    y, vjp = jax.vjp(jax.jit(models.max_pool), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+    yt.backward(torch.tensor(np.moveaxis(g, -1, 1)))
+    np.testing.assert_array_equal(np.asarray(y), np.moveaxis(yt.detach().numpy(), 1, -1))
+    np.testing.assert_allclose(np.asarray(dx), np.moveaxis(xt.grad.numpy(), 1, -1), rtol=0, atol=1e-6)

@@ -346,8 +346,14 @@ def test_one_and_four_devices_agree():
     losses1, after1, state1, *_ = sharded_run(1)
     losses4, after4, state4, *_ = sharded_run(4)
     compare_steps("1 vs 4 devices", "fc", losses4, after4, losses1, after1, SAME_TOL, SAME_TOL)
+    # The momentum traces are the head's gradients, sums over the batch of features that passed
+    # 8-17 BatchNorms whose statistics are summed in another order on 4 devices (per example,
+    # then across devices): measured 1.7e-6 of their size (0.83), so 1e-5 relative, as
+    # PARAM_TOL; a gradient not summed over the devices is off by O(1).
     a, b = flat(state1.opt_state), flat(state4.opt_state)
-    assert set(a) == set(b) and max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= SAME_TOL
+    assert set(a) == set(b)
+    for k in a:
+        assert np.max(np.abs(a[k] - b[k])) <= PARAM_TOL * np.max(np.abs(a[k])), k
     assert int(state1.step) == int(state4.step) == STEPS
 
 
