@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks import torch_reference as tr
-from kdjax import augment, checkpoint, data, models, protocol, sharding, train
+from kdjax import augment, checkpoint, data, models, protocol, sharding, train, xla_cpu
 from kdjax import config as kconfig
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
@@ -332,6 +332,7 @@ def record(name: str, framework: str, variant: str, case: Case, images: int | No
         "load_avg": [load for _, load in samples],
         "threads": case.threads if framework == "torch" else None,
         "device": case.torch_device if framework == "torch" else jax.default_backend(),
+        "xla_flags": os.environ.get("XLA_FLAGS", "") if framework == "kdjax" else None,
     }
 
 
@@ -550,11 +551,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="the reference's DataLoader workers")
     p.add_argument("--data_dir", type=pathlib.Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="kdjax's decode cache")
+    p.add_argument("--xla_cpu_tuning", choices=("on", "off"), default="on",
+                   help="kdjax.xla_cpu's flags, as the entry points apply them (off: XLA's defaults)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.xla_cpu_tuning == "on":
+        xla_cpu.apply()  # before the backend starts, as in experiments.paper
     jax_platform, torch_device = DEVICES[args.device]
     jax.config.update("jax_platforms", jax_platform)
     torch.set_num_threads(args.threads)

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     cli.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
+    cli.tune_xla_cpu(args.xla_cpu_tuning)
     cli.enable_compile_cache(args.compile_cache)
 
     import pathlib

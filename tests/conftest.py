@@ -1,4 +1,5 @@
-"""Test setup: four simulated CPU devices, float32 at highest precision, a compile cache.
+"""Test setup: four simulated CPU devices, kdjax's XLA:CPU flags, float32 at highest precision, a
+compile cache.
 
 Only this file and the entry points touch global JAX configuration; it must run before jax
 creates its backend, hence the environment variable at import time.
@@ -13,6 +14,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from kdjax import xla_cpu  # noqa: E402
+
+xla_cpu.apply()  # the XLA:CPU flags the entry points apply: tests check what users run
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

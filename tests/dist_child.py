@@ -34,6 +34,9 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from kdjax import xla_cpu
+
+    xla_cpu.apply()  # as conftest: the tests' processes all run what users run
 
     from kdjax import distributed
 
