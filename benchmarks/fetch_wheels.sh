@@ -19,7 +19,7 @@ mkdir -p "$DEST"
 
 # name==version  (a comment says which import needs it)
 WHEELS=(
-  tensorflow-datasets==4.9.10     # kdjax.decode_cache
+  tensorflow-datasets==4.9.10     # kdjax.data.decode_cache
   array-record==0.8.6             # tfds' array_record data source (binary, cp312)
   dm-tree==0.1.10                 # tfds (imports `tree`; binary, cp312)
   immutabledict==4.3.1            # tfds

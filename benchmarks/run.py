@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from benchmarks import torch_reference as tr
-from kdjax import augment, checkpoint, data, models, protocol, sharding, train, xla_cpu
-from kdjax import config as kconfig
+from kdjax import checkpoint, config as kconfig, data, models, protocol, sharding, train, xla_cpu
+from kdjax.data import augment
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 DEFAULT_THREADS = 2
@@ -87,8 +87,9 @@ class Protocol:
 def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
     dtype = DTYPES[case.dtype]
     return train.StepSpec(
-        student=models.create_model("resnet18", NUM_CLASSES, dtype),
-        teacher=models.create_model("resnet50", NUM_CLASSES, dtype),
+        student_arch=protocol.STUDENT_ARCH,
+        student=models.create_model(protocol.STUDENT_ARCH, NUM_CLASSES, dtype),
+        teacher=models.create_model(protocol.TEACHER_ARCH, NUM_CLASSES, dtype),
         optim=kconfig.OptimConfig(),
         steps_per_epoch=steps_per_epoch,
         student_train=case.mode,
@@ -99,7 +100,7 @@ def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
 def _fresh_state(spec: train.StepSpec, case: Case):
     variables = models.init_variables(spec.student, jax.random.key(0), case.image_size)
     teacher_vars = models.init_variables(spec.teacher, jax.random.key(1), case.image_size)
-    state = train.create_train_state(variables, spec.tx, case.mode)
+    state = train.create_train_state(variables, spec)
     return state, teacher_vars
 
 
@@ -136,37 +137,35 @@ def kdjax_step_timer(case: Case) -> tuple[Timer, dict[str, float]]:
     return step, {"lower": t1 - t0, "compile": t2 - t1}
 
 
-def _scan_epochs() -> bool:
-    # what train_and_evaluate chooses: one scanned program per epoch except on CPU
-    return jax.default_backend() != "cpu"
-
-
 def kdjax_epoch_timer(case: Case, data_dir: pathlib.Path, cache_dir=None) -> tuple[Timer, int]:
     """A timer of one kdjax epoch on device-resident data (augmentation on the device; a scanned
-    epoch on accelerators, a host loop of jitted steps on CPU, as ``train_and_evaluate`` runs)
-    plus the student's val logits; the teacher's val logits are per run in kdjax, so outside
-    the epoch. Returns it and the number of train images."""
+    epoch on accelerators, a host loop of jitted steps on CPU, as ``train.train_runs`` runs one
+    run) plus the student's val logits; the teacher's val logits are computed once per call of
+    the engine, so outside the epoch. Returns it and the number of train images."""
     dataset = data.load_splits(data_dir, image_size=case.image_size, cache_dir=cache_dir)
-    # the layout train_and_evaluate uses: data and state replicated, batches split over 'data'
+    # the layout the engine uses: data and state replicated, batches split over 'data'
     mesh = sharding.data_mesh()
-    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
     train_split = jax.device_put(dataset["train"].train, repl)
     val_images = jax.device_put(dataset["val"].eval.images, repl)
     num_train = dataset["train"].num_examples
     spec = _step_spec(case, kconfig.steps_per_epoch(num_train, case.batch))
-    state, teacher_vars = jax.device_put(_fresh_state(spec, case), repl)
-    hparams = jax.device_put(_hparams(), repl)
-    holder, epoch = [state], [0]
+    state, teacher_vars = _fresh_state(spec, case)
+    states = jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], state), repl)
+    teacher_vars = jax.device_put(teacher_vars, repl)
+    hparams = jax.device_put(jax.tree_util.tree_map(lambda a: a[None], _hparams()), repl)
+    layout = jax.device_put(train.Layout.single(0), repl)
+    holder, epoch = [states], [0]
 
     def run() -> float:
         start = time.perf_counter()
         order, mask = data.epoch_order(num_train, case.batch, 0, epoch[0])
-        holder[0], metrics = train.run_epoch(
-            holder[0], teacher_vars, train_split, order, mask, 0, epoch[0], hparams,
-            spec, batch_sh, scan=_scan_epochs(),
+        holder[0], metrics = train.run_group_epoch(
+            holder[0], teacher_vars, train_split, order[:, None], mask[:, None], epoch[0], hparams,
+            layout, spec, mesh, "single", scan=train.default_scan_epochs(),
         )
-        s_vars = {"params": holder[0].params, "batch_stats": holder[0].batch_stats}
-        jax.block_until_ready(train.all_logits(spec.student, s_vars, val_images, case.batch, batch_sh))
+        jax.block_until_ready(train.group_val_outputs(spec, holder[0], val_images, layout, case.batch,
+                                                      mesh, "single"))
         epoch[0] += 1
         return time.perf_counter() - start
 
@@ -185,7 +184,7 @@ def random_teacher_variables(dataset: data.Dataset, image_size: int, seed: int =
     apply = jax.jit(lambda v, x: model.apply(v, augment.normalize(x), train=True, mutable=["batch_stats"]))
     _, updates = apply(variables, jnp.asarray(views[picks]))
     # One train-mode pass moves running = m * running + (1 - m) * batch; solve for the batch's.
-    m = models.BatchNorm.momentum
+    m = models.resnet.BatchNorm.momentum
     stats = jax.tree_util.tree_map(lambda new, old: (new - m * old) / (1 - m),
                                    updates["batch_stats"], variables["batch_stats"])
     return jax.device_get({"params": variables["params"], "batch_stats": stats})
@@ -357,7 +356,7 @@ def measure_epoch(case: Case, data_dir: pathlib.Path, rounds: int = 3, warmup: i
     kd_epoch, num_train = kdjax_epoch_timer(case, data_dir, cache_dir)
     timers = {"kdjax": kd_epoch, **{v: torch_epoch_timer(case, v, data_dir) for v in variants}}
     results = interleave(timers, rounds, warmup)
-    kd_variant = "scan" if _scan_epochs() else "host_loop"
+    kd_variant = "scan" if train.default_scan_epochs() else "host_loop"
     records = [record("epoch", "kdjax", kd_variant, case, num_train, results["kdjax"])]
     records += [record("epoch", "torch", v, case, num_train, results[v]) for v in variants]
     return records

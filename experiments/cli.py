@@ -19,7 +19,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                    help="ImageFolder root with train/ and val/ (default: download hymenoptera)")
     g.add_argument("--cache_dir", default=None,
                    help="decode cache and downloads (default $KDJAX_CACHE/datasets or ~/.cache/kdjax)")
-    g.add_argument("--image_size", type=int, default=224, help="crop size (eval resize keeps 256/224)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="crop size (default: the student's, 224 for the ResNets; the eval resize "
+                        "keeps the architecture's proportion, 256/224)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed in a warning) instead of stopping")
 
@@ -49,6 +51,76 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile_cache", default=None,
                    help="JAX's persistent compilation cache: a directory, or 'none' (default: "
                         "$JAX_COMPILATION_CACHE_DIR, else $KDJAX_CACHE/jax or ~/.cache/kdjax/jax)")
+
+
+def add_loss_flags(parser: argparse.ArgumentParser) -> None:
+    """``--loss`` and one flag per hyper-parameter, all from ``kdjax.losses.LOSSES``."""
+    from kdjax import losses
+
+    g = parser.add_argument_group("distillation loss: alpha*CE + (1-alpha)*term")
+    g.add_argument("--loss", choices=losses.KINDS, default="mse",
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in losses.LOSSES.items()))
+    users: dict[str, list[str]] = {}
+    for name, spec in losses.LOSSES.items():
+        for hp in spec.hparams:
+            users.setdefault(hp, []).append(name)
+    for hp, names in users.items():
+        first = losses.LOSSES[names[0]].hparams[hp]
+        g.add_argument(f"--{hp}", type=float, default=None,
+                       help=f"{first.help} for --loss {'/'.join(names)} (default {first.default:g})")
+
+
+def loss_hparams(args: argparse.Namespace) -> dict[str, float]:
+    """The hyper-parameter flags given for ``--loss`` (a flag of another loss is an error)."""
+    from kdjax import losses
+
+    declared = losses.get(args.loss).hparams
+    given = {hp: getattr(args, hp) for spec in losses.LOSSES.values() for hp in spec.hparams
+             if getattr(args, hp) is not None}
+    stray = sorted(set(given) - set(declared))
+    if stray:
+        raise ValueError(f"--loss {args.loss} takes no {', '.join('--' + k for k in stray)}")
+    return given
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--scan_epochs", choices=("auto", "on", "off"), default="auto",
+                   help="on: each epoch is one scanned program; off: a host loop of jitted steps; "
+                        "auto: on for GPU/TPU, off on CPU (as fast there, and it compiles a "
+                        "smaller program; benchmarks/README.md)")
+
+
+def scan_epochs(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.scan_epochs]
+
+
+def arch_choices() -> list[str]:
+    from kdjax import models
+
+    return sorted(models.ARCHS)
+
+
+def image_size(args: argparse.Namespace, arch: str) -> int:
+    """``--image_size``, or the crop size ``arch`` was trained at."""
+    from kdjax import models
+
+    return args.image_size if args.image_size is not None else models.get(arch).input.crop_size
+
+
+def parse(parser: argparse.ArgumentParser, argv, *, gamma: float) -> argparse.Namespace:
+    """Add the flags every entry point shares (data, recipe, engine, runtime, multi-process),
+    parse ``argv``, and apply the runtime settings before anything starts JAX's backend."""
+    add_data_flags(parser)
+    add_recipe_flags(parser, gamma=gamma)
+    add_engine_flags(parser)
+    add_runtime_flags(parser)
+    add_distributed_flags(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    tune_xla_cpu(args.xla_cpu_tuning)
+    enable_compile_cache(args.compile_cache)
+    return args
 
 
 def tune_xla_cpu(setting: str) -> list[str]:
@@ -126,23 +198,24 @@ def optim_config(args: argparse.Namespace) -> OptimConfig:
                        gamma=args.gamma, weight_decay=args.weight_decay)
 
 
-def train_config(args: argparse.Namespace, distill=None):
-    """The run configuration of the recipe flags (a supervised run when ``distill`` is None)."""
+def train_config(args: argparse.Namespace, arch: str, distill=None):
+    """The run configuration of the recipe flags for a student ``arch`` (a supervised run when
+    ``distill`` is None)."""
     from kdjax.config import TrainConfig
 
     return TrainConfig(
         optim=optim_config(args), distill=distill, num_epochs=args.num_epochs,
-        batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+        batch_size=args.batch_size, image_size=image_size(args, arch), seed=args.seed,
         compute_dtype=default_dtype(args.dtype),
     )
 
 
-def load_data(args: argparse.Namespace):
+def load_data(args: argparse.Namespace, arch: str):
     from kdjax import data, distributed
 
     # process 0 downloads and decodes first: the others then find the shared cache filled
     with distributed.primary_first("experiments.cli.load_data"):
-        return data.load_splits(args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
+        return data.load_splits(args.data_dir, image_size=image_size(args, arch), cache_dir=args.cache_dir,
                                 skip_bad_images=args.skip_bad_images)
 
 

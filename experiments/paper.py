@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from experiments import cli
+from kdjax.config import STUDENT_TRAIN_MODES
 
 
 def main(argv=None) -> int:
@@ -27,14 +28,17 @@ def main(argv=None) -> int:
                    help="CE weight(s): loss = alpha*CE + (1-alpha)*distillation term")
     g.add_argument("--n_exp", type=int, default=4, help="independent runs per alpha (seeds seed..seed+n-1)")
     g.add_argument("--teacher_file", default=None,
-                   help="teacher ResNet-50: model directory or PyTorch file (state_dict or whole model); "
-                        "default: fine-tune one into OUT/teacher")
-    g.add_argument("--student_train", choices=("fc", "fc_frozen_bn", "all"), default="fc",
+                   help="the teacher: a model directory (its meta.json names the architecture), a "
+                        "training run's directory (its best/), or a PyTorch file of --teacher_arch "
+                        "(state_dict or whole model); default: fine-tune one into OUT/teacher")
+    g.add_argument("--teacher_arch", choices=cli.arch_choices(), default=None,
+                   help="the teacher's architecture (default: the --teacher_file model directory's, "
+                        "else resnet50)")
+    g.add_argument("--student_arch", choices=cli.arch_choices(), default="resnet18")
+    g.add_argument("--student_train", choices=STUDENT_TRAIN_MODES, default="fc",
                    help="fc: the seed (head only, BatchNorm statistics still update); "
                         "fc_frozen_bn: frozen backbone; all: full fine-tuning")
-    g.add_argument("--loss", choices=("mse", "kl"), default="mse",
-                   help="mse: the seed's logit MSE; kl: Hinton's T^2 KL on softened outputs")
-    g.add_argument("--temperature", type=float, default=4.0, help="softmax temperature for --loss kl")
+    cli.add_loss_flags(parser)
     g.add_argument("--init", default="imagenet",
                    help="starting weights of student and teacher: imagenet, scratch, or (student) a file")
     g.add_argument("--out", default="runs/paper", help="output directory (resumed if present)")
@@ -43,14 +47,7 @@ def main(argv=None) -> int:
                    help="train all runs together as one vmapped program (same metrics; one teacher "
                         "pass per seed and step). auto: on for GPU/TPU, off on CPU, where XLA's "
                         "batched convolutions are slower than running the runs one by one")
-    cli.add_data_flags(parser)
-    cli.add_recipe_flags(parser, gamma=0.1)
-    cli.add_runtime_flags(parser)
-    cli.add_distributed_flags(parser)
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    cli.tune_xla_cpu(args.xla_cpu_tuning)
-    cli.enable_compile_cache(args.compile_cache)
+    args = cli.parse(parser, argv, gamma=0.1)
 
     import pathlib
 
@@ -63,26 +60,29 @@ def main(argv=None) -> int:
             alphas=tuple(args.alpha),
             n_exp=args.n_exp,
             init=args.init,
-            train=cli.train_config(args, DistillConfig(
-                alpha=args.alpha[0], loss=args.loss, temperature=args.temperature,
+            student_arch=args.student_arch,
+            train=cli.train_config(args, args.student_arch, DistillConfig(
+                alpha=args.alpha[0], loss=args.loss, hparams=cli.loss_hparams(args),
                 student_train=args.student_train)),
         )
         for alpha in config.alphas:  # validate every alpha before any work
             config.run_config(alpha, 0)
-        dataset = cli.load_data(args)
+        dataset = cli.load_data(args, args.student_arch)
         out = pathlib.Path(args.out)
         teacher_path = args.teacher_file
         if teacher_path is None:
             teacher_init = "scratch" if args.init == "scratch" else "imagenet"
+            teacher_arch = args.teacher_arch or protocol.TEACHER_ARCH
             # the seed fine-tuned its teacher with the same recipe as the students
-            result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher")
+            result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher",
+                                                teacher_arch, scan_epochs=cli.scan_epochs(args))
             print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}",
                   file=sys.stderr)
             teacher_path = out / "teacher" / "best"
-        teacher = protocol.load_teacher(teacher_path, dataset)
+        teacher = protocol.load_teacher(teacher_path, dataset, args.teacher_arch)
         vectorize = args.vectorize == "on" or (args.vectorize == "auto" and cli.accelerated())
         summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots,
-                                     vectorize=vectorize)
+                                     vectorize=vectorize, scan_epochs=cli.scan_epochs(args))
     except cli.USER_ERRORS as err:
         return cli.fail("experiments.paper", err)
     if cli.is_primary():

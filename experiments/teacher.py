@@ -1,4 +1,5 @@
-"""Fine-tune the ResNet-50 teacher with the seed's recipe and write its model directory.
+"""Fine-tune a teacher (the seed's ResNet-50 by default) with the seed's recipe and write its model
+directory.
 
     python -m experiments.teacher --init imagenet --out runs/teacher
     python -m experiments.teacher --init scratch --data_dir ../shared/data/hymenoptera_data \
@@ -20,23 +21,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.teacher", description=__doc__.split("\n")[0])
     parser.add_argument("--init", default="imagenet",
                         help="imagenet (torchvision weights), scratch, or a model dir / PyTorch file")
+    parser.add_argument("--arch", "--teacher_arch", dest="arch", choices=cli.arch_choices(),
+                        default="resnet50", help="the teacher's architecture")
     parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")
-    cli.add_data_flags(parser)
-    cli.add_recipe_flags(parser, gamma=0.1)
-    cli.add_runtime_flags(parser)
-    cli.add_distributed_flags(parser)
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    cli.tune_xla_cpu(args.xla_cpu_tuning)
-    cli.enable_compile_cache(args.compile_cache)
+    args = cli.parse(parser, argv, gamma=0.1)
 
     from kdjax import protocol
 
     try:
         cli.init_distributed(args)  # first: before anything touches the JAX backend
-        config = cli.train_config(args)
-        dataset = cli.load_data(args)
-        result = protocol.fine_tune_teacher(dataset, config, args.init, args.out)
+        config = cli.train_config(args, args.arch)
+        dataset = cli.load_data(args, args.arch)
+        result = protocol.fine_tune_teacher(dataset, config, args.init, args.out, args.arch,
+                                            scan_epochs=cli.scan_epochs(args))
     except cli.USER_ERRORS as err:
         return cli.fail("experiments.teacher", err)
     if not cli.is_primary():

@@ -29,7 +29,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kdjax import models
-from kdjax.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
 FORMAT = "kdjax.model/1"
 META_FILE = "meta.json"
@@ -97,6 +96,19 @@ def _local_checkpointer() -> ocp.Checkpointer:
                             multiprocessing_options=options)
 
 
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a reader (or a resumed run) never sees half
+    a file, and a crash leaves the previous version."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _host(variables: dict) -> dict:
     return {
         "params": jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables["params"]),
@@ -125,7 +137,7 @@ def save_model(
     if jax.process_index() != 0:
         raise RuntimeError(f"{directory}: model directories are written by process 0 only")
     variables = _host(variables)
-    num_classes = int(variables["params"]["fc"]["bias"].shape[0])
+    num_classes = models.num_outputs(arch, variables)
     if len(class_names) != num_classes:
         raise ModelDirError(
             f"{directory}: {len(class_names)} class names {list(class_names)} for a head with "
@@ -137,9 +149,9 @@ def save_model(
         num_classes=num_classes,
         class_names=tuple(str(c) for c in class_names),
         image_size=int(image_size),
-        resize_size=resize_size_for(int(image_size)),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        resize_size=models.get(arch).input.resize_for(int(image_size)),
+        mean=models.get(arch).input.mean,
+        std=models.get(arch).input.std,
         fingerprint=fingerprint(variables),
         provenance=dict(provenance),
     )
@@ -148,7 +160,7 @@ def save_model(
     try:
         with _local_checkpointer() as ckptr:
             ckptr.save(tmp / VARIABLES_DIR, args=ocp.args.StandardSave(variables))
-        (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")  # inside tmp/
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)
@@ -199,7 +211,7 @@ def load_model(
     arch: str | None = None,
     dtype: Any = jnp.float32,
     sharding: jax.sharding.Sharding | None = None,
-) -> tuple[models.ResNet, dict, ModelMeta]:
+) -> tuple[Any, dict, ModelMeta]:
     """Restore ``(module, {'params', 'batch_stats'}, meta)`` from a model directory.
 
     ``arch``, when given, must match the directory's (a ResNet-18 student directory passed

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, Mapping
 
 from kdjax import losses
 
 StudentTrain = Literal["fc", "fc_frozen_bn", "all"]
 STUDENT_TRAIN_MODES: tuple[str, ...] = ("fc", "fc_frozen_bn", "all")
-LOSS_KINDS = losses.KINDS
 
 
 def _require(ok: bool, message: str) -> None:
@@ -41,21 +40,38 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """How the student learns from the teacher. ``alpha = 1`` ignores the teacher's logits."""
+    """How the student learns from the teacher: ``alpha * CE + (1 - alpha) * term``, the term
+    named by ``loss`` (a ``kdjax.losses.LOSSES`` entry) with its hyper-parameters ``hparams``
+    (missing ones take the entry's defaults). ``alpha = 1`` ignores the teacher."""
 
     alpha: float = 0.5
-    loss: str = "mse"  # "mse": alpha*CE + (1-alpha)*MSE ; "kl": alpha*CE + (1-alpha)*T^2*KL
-    temperature: float = 4.0  # used by "kl" only
+    loss: str = "mse"
+    hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
     student_train: str = "fc"
 
     def __post_init__(self):
         _require(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        _require(self.loss in LOSS_KINDS, f"--loss must be one of {LOSS_KINDS}, got {self.loss!r}")
-        _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _require(self.loss in losses.LOSSES, f"--loss must be one of {losses.KINDS}, got {self.loss!r}")
         _require(
             self.student_train in STUDENT_TRAIN_MODES,
             f"--student_train must be one of {STUDENT_TRAIN_MODES}, got {self.student_train!r}",
         )
+        declared = losses.get(self.loss).hparams
+        unknown = sorted(set(self.hparams) - set(declared))
+        _require(not unknown, f"--loss {self.loss} takes no {', '.join('--' + k for k in unknown)}"
+                 f" (its hyper-parameters: {sorted(declared) or 'none'})")
+        values = {k: float(self.hparams.get(k, h.default)) for k, h in declared.items()}
+        for k, v in values.items():
+            declared[k].check(k, v)
+        # every declared value, in declaration order (treated as immutable: hashed below)
+        object.__setattr__(self, "hparams", values)
+
+    def __hash__(self):
+        return hash((self.alpha, self.loss, tuple(self.hparams.items()), self.student_train))
+
+    def to_json(self) -> dict:
+        return {"alpha": self.alpha, "loss": self.loss, "hparams": dict(self.hparams),
+                "student_train": self.student_train}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +100,10 @@ class TrainConfig:
         return self.distill.student_train if self.distill is not None else "all"
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["optim"] = dataclasses.asdict(self.optim)
+        d["distill"] = None if self.distill is None else self.distill.to_json()
+        return d
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

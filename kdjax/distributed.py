@@ -220,7 +220,7 @@ def exit_with(main: Callable[[], int], prog: str) -> NoReturn:
     """
     try:
         code = main()
-    except BaseException as err:  # noqa: BLE001: every failure must end every process
+    except BaseException as err:  # noqa: BLE001 -- every failure must end every process
         if not is_multiprocess():
             raise
         if not isinstance(err, (jax.errors.JaxRuntimeError, KeyboardInterrupt)):

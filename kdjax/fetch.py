@@ -47,7 +47,7 @@ def download(
 
     ``sha256=None`` is only for callers that verify the content themselves right after this
     returns, because no digest of the file is published (the hymenoptera zip: its extracted
-    tree is checked against a recorded digest, see ``kdjax.hymenoptera``). The file still reaches
+    tree is checked against a recorded digest, see ``kdjax.data.hymenoptera``). The file still reaches
     ``dest`` only after a complete transfer.
     """
     dest = pathlib.Path(dest)

@@ -15,22 +15,23 @@ import json
 import sys
 from typing import Iterable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kdjax import checkpoint, models
-from kdjax.transforms import ImageReadError, eval_view, load_rgb, normalize
+from kdjax.data.transforms import ImageReadError, eval_view, load_rgb, normalize
 
 _BATCH = 16  # fixed batch shape: one compilation whatever the number of images
 
 
-def _forward(model: models.ResNet, variables: dict, images: jax.Array) -> jax.Array:
+def _forward(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
     return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
 
 
 def predict_arrays(
-    model: models.ResNet, variables: dict, views: np.ndarray, meta: checkpoint.ModelMeta
+    model: nn.Module, variables: dict, views: np.ndarray, meta: checkpoint.ModelMeta
 ) -> np.ndarray:
     """Class probabilities ``[n, num_classes]`` for uint8 eval views ``[n, s, s, 3]``."""
     forward = jax.jit(_forward, static_argnums=0)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 
 import jax
-import numpy as np
-from tqdm import tqdm
 
-from kdjax import checkpoint, data, distributed, report, sweep, train, weights
+from kdjax import checkpoint, data, distributed, models, report, train, weights
 from kdjax.config import TrainConfig
 
-TEACHER_ARCH = "resnet50"
+TEACHER_ARCH = "resnet50"  # the seed's pair; any two registered architectures work
 STUDENT_ARCH = "resnet18"
 
 
@@ -39,8 +36,10 @@ class PaperConfig:
     n_exp: int = 4
     train: TrainConfig = TrainConfig()
     init: str = "imagenet"  # the student's starting weights: imagenet | scratch | PATH
+    student_arch: str = STUDENT_ARCH
 
     def __post_init__(self):
+        models.get(self.student_arch)  # a clear error for an unknown --student_arch
         if not self.alphas:
             raise ValueError("--alpha needs at least one value")
         if len(set(self.alphas)) != len(self.alphas):
@@ -60,25 +59,54 @@ def alpha_dir(alpha: float) -> str:
 
 
 def fine_tune_teacher(
-    dataset: data.Dataset, config: TrainConfig, init: str, workdir: str | pathlib.Path
+    dataset: data.Dataset, config: TrainConfig, init: str, workdir: str | pathlib.Path,
+    arch: str = TEACHER_ARCH, *, scan_epochs: bool | None = None,
 ) -> train.RunResult:
-    """Supervised fine-tuning of ResNet-50 (all layers); ``workdir/best`` is the teacher."""
+    """Supervised fine-tuning of the teacher ``arch`` (all layers); ``workdir/best`` is the
+    teacher's model directory."""
     config = dataclasses.replace(config, distill=None)
     variables, provenance = weights.initial_variables(
-        init, TEACHER_ARCH, len(dataset.class_names), jax.random.key(config.seed),
+        init, arch, len(dataset.class_names), jax.random.key(config.seed),
         image_size=config.image_size,
     )
     return train.train_and_evaluate(
-        config, workdir, dataset, variables, student_arch=TEACHER_ARCH,
-        provenance={"role": "teacher", **provenance},
+        config, workdir, dataset, variables, student_arch=arch,
+        provenance={"role": "teacher", **provenance}, scan_epochs=scan_epochs,
     )
 
 
-def load_teacher(path: str | pathlib.Path, dataset: data.Dataset) -> train.Teacher:
-    """A frozen ResNet-50 teacher from a model directory or a PyTorch file (state_dict or the
-    seed's whole pickled model); its classes must be the data's."""
-    variables, class_names, _ = weights.load_variables(path, TEACHER_ARCH)
-    outputs = int(np.shape(variables["params"]["fc"]["bias"])[0])
+def teacher_source(path: str | pathlib.Path) -> pathlib.Path:
+    """The model directory or PyTorch file ``--teacher_file`` names: a training run's directory
+    (``experiments.teacher --out DIR``) stands for its ``best/``."""
+    path = pathlib.Path(path)
+    if path.is_dir() and not (path / checkpoint.META_FILE).is_file():
+        best = path / "best"
+        if (best / checkpoint.META_FILE).is_file():
+            return best
+        if (path / "checkpoints").is_dir() or (path / "metrics.json").is_file():
+            raise ValueError(
+                f"--teacher_file {path}: a training run without a best model yet ({best} is missing); "
+                "let the run finish an epoch, or pass a model directory or PyTorch file")
+        raise ValueError(
+            f"--teacher_file {path}: neither a kdjax model directory (no {checkpoint.META_FILE}) "
+            f"nor a training run (no best/{checkpoint.META_FILE}); pass the directory that holds "
+            f"{checkpoint.META_FILE}, a run directory, or a PyTorch file")
+    return path
+
+
+def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | None = None) -> train.Teacher:
+    """A frozen teacher from a model directory (its meta.json names the architecture), a
+    training run's directory (its best/) or a PyTorch file of ``arch`` (state_dict or the seed's
+    whole pickled model); its classes must be the data's."""
+    source = teacher_source(path)
+    if source.is_dir():
+        saved = checkpoint.read_meta(source).arch
+        if arch is not None and arch != saved:
+            raise ValueError(f"--teacher_file {path} holds a {saved}, but --teacher_arch is {arch}")
+        arch = saved
+    arch = arch or TEACHER_ARCH
+    variables, class_names, _ = weights.load_variables(source, arch)
+    outputs = models.num_outputs(arch, variables)
     if outputs != len(dataset.class_names):
         raise ValueError(
             f"--teacher_file {path}: the teacher has {outputs} outputs but the data has "
@@ -89,19 +117,19 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset) -> train.Teach
             f"--teacher_file {path}: the teacher's classes {list(class_names)} are not the "
             f"data's {list(dataset.class_names)} (same order required)"
         )
-    model = train.models.create_model(TEACHER_ARCH, outputs)
-    return train.Teacher(model, variables, checkpoint.fingerprint(variables))
+    model = models.create_model(arch, outputs)
+    return train.Teacher(arch, model, variables, checkpoint.fingerprint(variables))
 
 
-def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> sweep.Run:
+def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> train.Run:
     """Run ``run`` of ``alpha``: its config, directory and initial student (drawn from its seed, so
     the alphas of one run start from the same student)."""
     run_config = config.run_config(alpha, run)
     student, provenance = weights.initial_variables(
-        config.init, STUDENT_ARCH, len(dataset.class_names), jax.random.key(run_config.seed),
+        config.init, config.student_arch, len(dataset.class_names), jax.random.key(run_config.seed),
         image_size=run_config.image_size,
     )
-    return sweep.Run(run_config, out / alpha_dir(alpha) / f"run_{run}", student,
+    return train.Run(run_config, out / alpha_dir(alpha) / f"run_{run}", student,
                      {"role": "student", "alpha": alpha, "run": run, **provenance})
 
 
@@ -114,38 +142,32 @@ def run_paper(
     plots: bool = True,
     tensorboard: bool = True,
     vectorize: bool = False,
+    scan_epochs: bool | None = None,
 ) -> dict | None:
     """Every (alpha, run) of the study, then ``summary.{md,json}``, plots and event files.
 
-    ``vectorize`` trains all runs together as one program (``kdjax.sweep``: same metrics, one
-    teacher pass per seed and step); otherwise one after another. Either way resumes the other's
+    ``vectorize`` trains the runs together (``kdjax.train``'s groups: same metrics, one teacher
+    pass per seed and step); otherwise one after another. Either way resumes the other's
     directories. Returns the summary (as written to ``summary.json``); in a multi-process run
     process 0 alone writes summary, plots and event files, and the others return None.
     """
     out = pathlib.Path(out).absolute()
     jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
     runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
-    if vectorize:
-        results = sweep.train_runs(runs, dataset, student_arch=STUDENT_ARCH, teacher=teacher)
-    else:
-        results = []
-        bar = tqdm(list(zip(jobs, runs)), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
-        for (alpha, run), r in bar:
-            bar.set_postfix_str(f"alpha={alpha:g} run={run}")
-            results.append(train.train_and_evaluate(
-                r.config, r.workdir, dataset, r.student_variables, student_arch=STUDENT_ARCH,
-                teacher=teacher, provenance=r.provenance,
-            ))
-        bar.close()
+    results = train.train_runs(runs, dataset, student_arch=config.student_arch, teacher=teacher,
+                               vectorize=vectorize, scan_epochs=scan_epochs)
     runs_by_alpha: dict[float, list[list[dict]]] = {}
     for (alpha, run), result in zip(jobs, results):
         runs_by_alpha.setdefault(alpha, []).append(result.history)
         if tensorboard and distributed.is_primary():
-            report.write_tensorboard(out / "tensorboard" / alpha_dir(alpha) / f"run_{run}", result.history, purge_step=1)
+            logdir = out / "tensorboard" / alpha_dir(alpha) / f"run_{run}"
+            report.write_tensorboard(logdir, result.history, purge_step=1)
 
     num_val = dataset["val"].num_examples
     extra = {
+        "teacher_arch": teacher.arch,
         "teacher_fingerprint": teacher.fingerprint,
+        "student_arch": config.student_arch,
         "student_init": config.init,
         "config": config.train.to_json(),
         "alphas": list(config.alphas),

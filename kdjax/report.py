@@ -19,10 +19,12 @@ import json
 import math
 import os
 import pathlib
-import tempfile
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from kdjax import checkpoint
 
 Record = Mapping[str, Any]
 History = Sequence[Record]
@@ -300,18 +302,6 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    # A reader (or a resumed run) never sees half a summary.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_summary(
     out_dir: str | os.PathLike,
     runs_by_alpha: RunsByAlpha,
@@ -337,8 +327,8 @@ def write_summary(
         "notes": {"seed_table": SEED_TABLE_NOTE, "diff_t_s": DIFF_T_S_NOTE, "honest_table": HONEST_NOTE},
         "extra": dict(extra or {}),
     }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    _write_atomic(out / "summary.md", summary_markdown(summary))
+    checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    checkpoint.write_text_atomic(out / "summary.md", summary_markdown(summary))
     return summary
 
 
@@ -435,6 +425,21 @@ def record_scalars(record: Record) -> dict[str, float]:
     return tags
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed, only to recognise its tensors, which kdjax never passes (seconds of start-up;
+    benchmarks/README.md). A torch the program already imported is left as it is."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """TensorBoard event files for one run under ``logdir`` (tensorboardX; no TensorFlow).
 
@@ -445,7 +450,7 @@ class TensorBoardWriter:
 
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
         except ImportError as e:
             raise ImportError(
                 "kdjax.report.TensorBoardWriter needs tensorboardX: pip install tensorboardX"

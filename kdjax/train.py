@@ -1,32 +1,45 @@
-"""The distillation engine: pure jit-compiled steps, whole epochs on the device, exact resume.
+"""The distillation engine: pure jit-compiled steps over a run axis, one setup, one epoch loop.
 
-``train_step`` runs the frozen teacher (eval mode, ``stop_gradient``) and the student on the same
-augmented batch; ``train_epoch`` scans it over an epoch of device-resident data, so an epoch is
-one program with no host round trip; ``evaluate`` counts every validation example once.
-``train_and_evaluate`` is the host loop around them: checkpoints every epoch, resume, best-val
-model directory, per-epoch metrics.
+A single run and a sweep of runs are one program shape. ``train_runs`` places the data, the
+teacher, the validation views and the teacher's validation outputs once, restores or creates every
+run's state, and trains the runs in groups; a group's train states carry a leading run axis
+``[K]``. How a group's step treats that axis is one static choice (``GroupMode``):
+
+- ``single``: one run, the plain step (the axis squeezed inside the program);
+- ``vmap``: K runs of one recipe at once, differing only in traced values (seed, alpha, the
+  loss's hyper-parameters). Runs that share a seed share its augmented batch and the teacher's
+  pass on it: 3 alphas x 4 seeds need 4 teacher passes per step, not 12;
+- ``shared``: ``vmap`` for frozen backbones (``fc``/``fc_frozen_bn``): runs that start from the
+  same backbone on the same batches keep identical backbones and BatchNorm statistics, so the
+  backbone runs once per group of them and only the heads are vectorised.
 
 Student modes (``DistillConfig.student_train``):
 
-- ``fc``: the seed's behaviour. Only the new head is optimised, but the student runs in train
-  mode, so BatchNorm normalises with batch statistics and keeps updating its running averages.
+- ``fc``: the seed's behaviour. Only the head is optimised, but the student runs in train mode,
+  so BatchNorm normalises with batch statistics and keeps updating its running averages.
 - ``fc_frozen_bn``: a truly frozen backbone: eval-mode BatchNorm, only the head is optimised.
 - ``all``: full fine-tuning (also what supervised teacher fine-tuning uses).
 
 The teacher is data: its variables enter every step as an argument (replicated, never donated,
-never optimised, never checkpointed; its fingerprint is recorded instead).
+never optimised, never checkpointed; its fingerprint is recorded instead). An epoch is either
+one scanned program (accelerators) or a host loop over jitted steps (the CPU default, as fast
+there and quicker to compile); both keep the data on the device. Every run keeps its own work
+directory (epoch checkpoints, ``best/``, ``metrics.json``, ``train.log``) whichever way it was
+trained, so runs resume, report and predict alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +48,11 @@ import orbax.checkpoint as ocp
 from flax import struct
 from tqdm import tqdm
 
-from kdjax import augment, checkpoint, data, distributed, losses, models, optim, sharding
+from kdjax import checkpoint, data, distributed, losses, models, optim, sharding
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
+from kdjax.data import augment
+
+GroupMode = Literal["single", "vmap", "shared"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,17 +74,18 @@ class TrainState(struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """The static part of a compiled step: networks, optimiser recipe, student mode, loss kind.
+    """The static part of a compiled step: networks, optimiser recipe, student mode, loss name.
 
     Hashable and compared by value (flax modules and frozen configs are), so it is a static
     argument of ``jax.jit`` and runs with equal specs share one compilation: the optimiser is
     rebuilt from ``optim`` inside the trace rather than held as an optax object (a new closure
-    per run would defeat the cache). Everything a sweep varies (alpha, temperature, the seed)
-    is a traced argument instead, so a sweep compiles once.
+    per run would defeat the cache). Everything a sweep varies (alpha, the loss's
+    hyper-parameters, the seed) is a traced argument instead, so a sweep compiles once.
     """
 
-    student: models.ResNet
-    teacher: models.ResNet | None
+    student_arch: str
+    student: nn.Module
+    teacher: nn.Module | None
     optim: OptimConfig
     steps_per_epoch: int
     student_train: str = "fc"
@@ -79,16 +96,17 @@ class StepSpec:
     def tx(self) -> optax.GradientTransformation:
         return make_optimizer(self.optim, self.steps_per_epoch)
 
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The feature taps the loss reads from both networks (none for supervised runs)."""
+        return () if self.teacher is None else losses.get(self.loss).features
 
-def trainable_params(params: Mapping, student_train: str) -> dict:
+
+def trainable_params(params: Mapping, spec: StepSpec) -> dict:
     """The subset the optimiser sees: the head in ``fc``/``fc_frozen_bn`` modes, else all."""
-    if student_train == "all":
+    if spec.student_train == "all":
         return dict(params)
-    return {"fc": params["fc"]}
-
-
-def merge_params(params: Mapping, trainable: Mapping) -> dict:
-    return {**params, **trainable}
+    return models.head_params(spec.student_arch, params)
 
 
 def make_optimizer(o: OptimConfig, num_steps_per_epoch: int) -> optax.GradientTransformation:
@@ -96,82 +114,94 @@ def make_optimizer(o: OptimConfig, num_steps_per_epoch: int) -> optax.GradientTr
     return optim.sgd(optim.step_lr(o.lr, o.step_size, o.gamma, num_steps_per_epoch), o.momentum, o.weight_decay)
 
 
-def create_train_state(variables: Mapping, tx: optax.GradientTransformation, student_train: str) -> TrainState:
+def create_train_state(variables: Mapping, spec: StepSpec) -> TrainState:
     params = dict(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=dict(variables["batch_stats"]),
-        opt_state=tx.init(trainable_params(params, student_train)),
+        opt_state=spec.tx.init(trainable_params(params, spec)),
     )
 
 
 def hparams_for(config: TrainConfig) -> dict[str, jax.Array]:
-    """The traced scalars of a step (one compilation for every alpha and temperature)."""
+    """The traced scalars of a step: alpha and the loss's hyper-parameters (one compilation for
+    every value of each)."""
     d = config.distill
-    return {
-        "alpha": jnp.float32(1.0 if d is None else d.alpha),
-        "temperature": jnp.float32(1.0 if d is None else d.temperature),
-    }
+    if d is None:
+        return {"alpha": jnp.float32(1.0)}
+    return {"alpha": jnp.float32(d.alpha), **{k: jnp.float32(v) for k, v in d.hparams.items()}}
 
 
-def _loss(spec: StepSpec, s_logits, t_logits, labels, mask, hparams):
+# --------------------------------------------------------------------------- one run's step
+
+
+def _apply(model: nn.Module, variables, images, taps: tuple[str, ...], **kwargs):
+    """``model.apply`` as ``(Outputs, mutated)``: the logits and the feature taps ``taps``."""
+    out = model.apply(variables, images, taps=bool(taps), **kwargs)
+    out, mutated = out if "mutable" in kwargs else (out, None)
+    logits, features = out if taps else (out, {})
+    return losses.Outputs(logits, {k: features[k] for k in taps}), mutated
+
+
+def _loss(spec: StepSpec, student: losses.Outputs, teacher: losses.Outputs | None, labels, mask, hparams):
     if spec.teacher is None:
-        ce = losses.cross_entropy(s_logits, labels, mask)
+        ce = losses.cross_entropy(student.logits, labels, mask)
         return ce, {"ce": ce}
-    return losses.distillation_loss(
-        s_logits, t_logits, labels, hparams["alpha"], hparams["temperature"], spec.loss, mask
-    )
+    return losses.blend(losses.get(spec.loss), student, teacher, labels, hparams, mask)
 
 
-def teacher_logits(spec: StepSpec, teacher_vars, images: jax.Array) -> jax.Array | None:
-    """The frozen teacher's eval-mode logits (no gradient flows into it); None without one."""
+def teacher_outputs(spec: StepSpec, teacher_vars, images: jax.Array) -> losses.Outputs | None:
+    """The frozen teacher's eval-mode outputs (no gradient flows into it); None without one."""
     if spec.teacher is None:
         return None
-    return jax.lax.stop_gradient(spec.teacher.apply(teacher_vars, images, train=False))
+    out, _ = _apply(spec.teacher, teacher_vars, images, spec.taps, train=False)
+    return jax.lax.stop_gradient(out)
 
 
 def student_forward(spec: StepSpec, variables, images: jax.Array, mask: jax.Array):
-    """The student's training-time forward pass: ``(logits, new batch_stats)``. BatchNorm runs on
-    batch statistics (and updates its running averages) except in ``fc_frozen_bn`` mode."""
+    """The student's training-time forward pass: ``(Outputs, new batch_stats)``. BatchNorm runs
+    on batch statistics (and updates its running averages) except in ``fc_frozen_bn`` mode."""
     if spec.student_train == "fc_frozen_bn":
-        return spec.student.apply(variables, images, train=False), variables["batch_stats"]
-    logits, updates = spec.student.apply(variables, images, train=True, mask=mask, mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
+        out, _ = _apply(spec.student, variables, images, spec.taps, train=False)
+        return out, variables["batch_stats"]
+    out, updates = _apply(spec.student, variables, images, spec.taps, train=True, mask=mask,
+                          mutable=["batch_stats"])
+    return out, updates["batch_stats"]
 
 
 def student_step(
     state: TrainState,
     batch: data.Batch,
-    t_logits: jax.Array | None,
+    t_out: losses.Outputs | None,
     hparams: Mapping,
     spec: StepSpec,
-    forward: Callable[[dict], tuple[jax.Array, Any]] | None = None,
+    forward: Callable[[dict], tuple[losses.Outputs, Any]] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The student's optimiser step on ``batch`` given the teacher's logits on the same batch.
+    """The student's optimiser step on ``batch`` given the teacher's outputs on the same batch.
 
-    ``forward(trainable) -> (logits, new batch_stats)`` replaces the full forward pass when the
-    caller already has the frozen part's output (``kdjax.sweep`` shares it between runs).
+    ``forward(trainable) -> (Outputs, new batch_stats)`` replaces the full forward pass when the
+    caller already has the frozen part's output (the ``shared`` group mode).
     """
     labels = batch.labels
     mask = batch.mask.astype(jnp.float32)
     if forward is None:
         def forward(trainable):
-            variables = {"params": merge_params(state.params, trainable), "batch_stats": state.batch_stats}
+            variables = {"params": {**state.params, **trainable}, "batch_stats": state.batch_stats}
             return student_forward(spec, variables, batch.images, mask)
 
     def loss_fn(trainable):
-        logits, new_stats = forward(trainable)
-        loss, terms = _loss(spec, logits, t_logits, labels, mask, hparams)
-        return loss, (terms, logits, new_stats)
+        out, new_stats = forward(trainable)
+        loss, terms = _loss(spec, out, t_out, labels, mask, hparams)
+        return loss, (terms, out.logits, new_stats)
 
-    trainable = trainable_params(state.params, spec.student_train)
+    trainable = trainable_params(state.params, spec)
     (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = spec.tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     new_state = state.replace(
         step=state.step + 1,
-        params=merge_params(state.params, trainable),
+        params={**state.params, **trainable},
         batch_stats=new_stats,
         opt_state=opt_state,
     )
@@ -190,94 +220,170 @@ def train_step(
     state: TrainState, teacher_vars, batch: data.Batch, hparams: Mapping, spec: StepSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a (possibly padded) batch; ``batch.mask`` marks real examples."""
-    return student_step(state, batch, teacher_logits(spec, teacher_vars, batch.images), hparams, spec)
+    return student_step(state, batch, teacher_outputs(spec, teacher_vars, batch.images), hparams, spec)
 
 
-def augmented_step(
-    state: TrainState,
+# --------------------------------------------------------------------------- a group's step
+
+
+class Layout(NamedTuple):
+    """Who shares what in a group (int32 index arrays, traced): ``seeds[S]`` the distinct seeds;
+    ``run_seed[K]`` run -> its seed's batch; ``run_group[K]`` run -> its backbone group;
+    ``group_seed[G]`` group -> seed; ``group_rep[G]`` group -> a member run holding its backbone."""
+
+    seeds: jax.Array
+    run_seed: jax.Array
+    run_group: jax.Array
+    group_seed: jax.Array
+    group_rep: jax.Array
+
+    @classmethod
+    def single(cls, seed: int) -> "Layout":
+        """The layout of one run."""
+        zero = np.zeros((1,), np.int32)
+        return cls(np.asarray([seed], np.uint32), zero, zero, zero, zero)
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda a: jnp.take(a, index, axis=0), tree)
+
+
+def _squeeze(tree):
+    return jax.tree.map(lambda a: a[0], tree)
+
+
+def _expand(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+
+def _constrain(tree, mesh, batch_axis: int):
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding.batch_sharding_at(mesh, batch_axis))
+
+
+def group_step(
+    states: TrainState,
     teacher_vars,
     train_split: data.TrainArrays,
     indices: jax.Array,
     mask: jax.Array,
-    seed: jax.Array,
     epoch: jax.Array,
     hparams: Mapping,
+    layout: Layout,
     spec: StepSpec,
-    batch_sharding: jax.sharding.Sharding | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    mode: GroupMode = "vmap",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Augment the examples ``indices`` on the device (views from ``(seed, epoch, index)``),
-    spread the batch over the ``'data'`` axis and take one ``train_step``."""
-    batch = data.train_batch(train_split, indices, mask, seed, epoch, spec.image_size)
-    if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    return train_step(state, teacher_vars, batch, hparams, spec)
+    """One optimiser step of every run of a group.
 
-
-def train_epoch(
-    state: TrainState,
-    teacher_vars,
-    train_split: data.TrainArrays,
-    order: jax.Array,
-    order_mask: jax.Array,
-    seed: jax.Array,
-    epoch: jax.Array,
-    hparams: Mapping,
-    spec: StepSpec,
-    batch_sharding: jax.sharding.Sharding | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """All steps of one epoch as one ``lax.scan``: no host round trip between steps.
-
-    ``order``/``order_mask`` are ``[steps, batch]`` example indices and validity (from
-    ``data.epoch_order``). Returns the final state and per-step metrics stacked on axis 0.
-    The right shape for accelerators; on CPU, XLA runs convolutions inside a loop body more
-    than 10x slower than at top level (measured: 2 scanned ResNet-50 steps 132 s against 2 x
-    9 s), so the host loop calls ``augmented_step`` there instead.
+    ``states`` and ``hparams`` carry a leading run axis ``[K]``; ``indices``/``mask`` are one
+    batch ``[S, B]`` per distinct seed ``layout.seeds[S]``: examples whose views are drawn on
+    the device from ``(seed, epoch, index)``. With ``mesh`` the batch axis is split over
+    ``'data'``. Returns the new states and per-run metrics ``[K]``.
     """
+    views = functools.partial(data.train_batch, image_size=spec.image_size)
+    if mode == "single":
+        batch = views(train_split, indices[0], mask[0], layout.seeds[0], epoch)
+        state, metrics = train_step(_squeeze(states), teacher_vars, _constrain(batch, mesh, 0),
+                                    _squeeze(hparams), spec)
+        return _expand(state), _expand(metrics)
+    batches = jax.vmap(lambda i, m, s: views(train_split, i, m, s, epoch))(indices, mask, layout.seeds)
+    batches = _constrain(batches, mesh, 1)
+    t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
+    run_batches, run_t = _take((batches, t_out), layout.run_seed)
+    if mode == "vmap":
+        step = functools.partial(student_step, spec=spec)
+        return jax.vmap(step)(states, run_batches, run_t, hparams)
 
-    def body(state, xs):
-        indices, mask = xs
-        return augmented_step(
-            state, teacher_vars, train_split, indices, mask, seed, epoch, hparams, spec, batch_sharding
-        )
+    # shared: the backbone (and its BatchNorm update) once per group, then each run's head
+    arch = models.get(spec.student_arch)
+    backbone = dataclasses.replace(spec, student=arch.backbone(spec.student))
 
-    return jax.lax.scan(body, state, (order, order_mask))
+    def features(params, stats, batch):
+        variables = {"params": params, "batch_stats": stats}
+        out, new_stats = student_forward(backbone, variables, batch.images, batch.mask.astype(jnp.float32))
+        return out.logits, new_stats
+
+    reps = _take((states.params, states.batch_stats), layout.group_rep)
+    feats, group_stats = jax.vmap(features)(*reps, _take(batches, layout.group_seed))
+    run_feats, run_stats = _take((feats, group_stats), layout.run_group)
+
+    def head_step(state, batch, t, h, f, new_stats):
+        def forward(trainable):
+            logits = arch.classify(spec.student, trainable[arch.head], f)
+            return losses.Outputs(logits), new_stats
+        return student_step(state, batch, t, h, spec, forward=forward)
+
+    return jax.vmap(head_step)(states, run_batches, run_t, hparams, run_feats, run_stats)
 
 
-def eval_logits(model: models.ResNet, variables, images: jax.Array, sharding_=None) -> jax.Array:
-    """Eval-mode logits of one batch of uint8 eval views."""
-    x = augment.normalize(images)
-    if sharding_ is not None:
-        x = jax.lax.with_sharding_constraint(x, sharding_)
-    return model.apply(variables, x, train=False)
+def group_epoch(states, teacher_vars, train_split, order, order_mask, epoch, hparams, layout: Layout,
+                spec: StepSpec, mesh=None, mode: GroupMode = "vmap"):
+    """All steps of one epoch as one ``lax.scan`` of ``group_step``: ``order``/``order_mask`` are
+    ``[steps, S, B]``; metrics come back ``[steps, K]``. The shape for accelerators."""
+
+    def body(states, xs):
+        return group_step(states, teacher_vars, train_split, xs[0], xs[1], epoch, hparams, layout,
+                          spec, mesh, mode)
+
+    return jax.lax.scan(body, states, (order, order_mask))
 
 
-def map_eval_batches(fn: Callable[[jax.Array], jax.Array], images: jax.Array, batch_size: int) -> jax.Array:
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_outputs(model: nn.Module, variables, images: jax.Array, taps: tuple[str, ...] = (),
+                 mesh=None) -> losses.Outputs:
+    """Eval-mode outputs of one batch of uint8 eval views."""
+    x = _constrain(augment.normalize(images), mesh, 0)
+    return _apply(model, variables, x, taps, train=False)[0]
+
+
+def group_eval_outputs(spec: StepSpec, variables, images: jax.Array, layout: Layout, mesh=None,
+                       mode: GroupMode = "vmap") -> losses.Outputs:
+    """``eval_outputs`` ``[K, B, ...]`` of every run's student ``variables`` ``[K]``; in the
+    ``shared`` mode the backbone runs once per backbone group."""
+    if mode == "single":
+        return _expand(eval_outputs(spec.student, _squeeze(variables), images, spec.taps, mesh))
+    if mode == "vmap":
+        return jax.vmap(lambda v: eval_outputs(spec.student, v, images, spec.taps, mesh))(variables)
+    arch = models.get(spec.student_arch)
+    backbone = arch.backbone(spec.student)
+    reps = _take(variables, layout.group_rep)
+    feats = jax.vmap(lambda v: eval_outputs(backbone, v, images, (), mesh).logits)(reps)
+    run_feats = jnp.take(feats, layout.run_group, axis=0)
+    head = variables["params"][arch.head]
+    return losses.Outputs(jax.vmap(lambda h, f: arch.classify(spec.student, h, f))(head, run_feats))
+
+
+def map_eval_batches(fn: Callable[[jax.Array], Any], images: jax.Array, batch_size: int,
+                     example_axis: int = 0) -> Any:
     """``fn`` over fixed-shape batches of ``images`` (the last one padded, so one compilation),
-    its ``[..., batch, classes]`` outputs joined along the example axis, the padding cut off."""
+    its outputs (a pytree) joined along ``example_axis``, the padding cut off."""
     n = images.shape[0]
     steps = math.ceil(n / batch_size)
     pad = steps * batch_size - n
     if pad:
         images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
     out = [fn(images[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
-    return jnp.concatenate(out, axis=-2)[..., :n, :]
+    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=example_axis), *out)
+    return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, n, axis=example_axis), joined)
 
 
-def all_logits(model, variables, images: jax.Array, batch_size: int, sharding_=None) -> jax.Array:
-    """Eval-mode logits for every image, in fixed-shape batches (the last one padded)."""
-    return map_eval_batches(lambda b: _eval_logits_jit(model, variables, b, sharding_), images, batch_size)
-
-
-def eval_metrics(s_logits, t_logits, labels, hparams, spec: StepSpec) -> dict[str, jax.Array]:
+def eval_metrics(s_out: losses.Outputs, t_out: losses.Outputs | None, labels, hparams,
+                 spec: StepSpec) -> dict[str, jax.Array]:
     """Validation figures over the whole set (every example counted exactly once).
 
     ``diff_t_s`` is the mean |teacher - student| logit difference over all examples and classes
     (the seed took it on its last val batch only). ``agreement`` is teacher-student top-1
     agreement and ``kl_t_s`` the mean KL(softmax(t) || softmax(s)) at T = 1.
     """
-    loss, terms = _loss(spec, s_logits, t_logits, labels, None, hparams)
+    loss, terms = _loss(spec, s_out, t_out, labels, None, hparams)
+    s_logits = s_out.logits
     out = {"loss": loss, **terms, "acc": jnp.mean(jnp.argmax(s_logits, -1) == labels)}
-    if t_logits is not None:
+    if t_out is not None:
+        t_logits = t_out.logits
         out.update(
             teacher_acc=jnp.mean(jnp.argmax(t_logits, -1) == labels),
             diff_t_s=jnp.mean(jnp.abs(t_logits - s_logits)),
@@ -287,48 +393,52 @@ def eval_metrics(s_logits, t_logits, labels, hparams, spec: StepSpec) -> dict[st
     return out
 
 
-# Compiled once per process for each distinct (spec, shapes, shardings): every run of a sweep
-# with equal specs reuses the same executables. The state is donated; the teacher never is.
-_train_epoch_jit = jax.jit(train_epoch, static_argnames=("spec", "batch_sharding"), donate_argnums=0)
-_augmented_step_jit = jax.jit(augmented_step, static_argnames=("spec", "batch_sharding"), donate_argnums=0)
-_eval_logits_jit = jax.jit(eval_logits, static_argnums=(0, 3))
+def group_eval_metrics(s_out, t_out, labels, hparams, spec: StepSpec, mode: GroupMode = "vmap"):
+    """``eval_metrics`` of every run: ``s_out`` ``[K, N, ...]``, ``hparams`` ``[K]``."""
+    if mode == "single":
+        return _expand(eval_metrics(_squeeze(s_out), t_out, labels, _squeeze(hparams), spec))
+    metrics = functools.partial(eval_metrics, spec=spec)
+    return jax.vmap(metrics, in_axes=(0, None, None, 0))(s_out, t_out, labels, hparams)
 
 
-def run_epoch(state, teacher_vars, train_split, order, order_mask, seed: int, epoch: int, hparams,
-              spec: StepSpec, batch_sharding, scan: bool) -> tuple[TrainState, dict[str, np.ndarray]]:
-    """One epoch, as one scanned program (``scan``) or as a host loop over jitted steps; both
-    keep the data on the device and give per-step metrics ``[steps]``."""
-    seed_, epoch_ = jnp.uint32(seed), jnp.int32(epoch)
-    # Every process holds the whole epoch order but feeds only its own rows of each batch.
-    if scan:
-        steps_sharding = sharding.steps_batch_sharding(batch_sharding.mesh)
-        state, metrics = _train_epoch_jit(
-            state, teacher_vars, train_split, *distributed.put_batch((order, order_mask), steps_sharding),
-            seed_, epoch_, hparams, spec=spec, batch_sharding=batch_sharding,
-        )
-        return state, distributed.to_host(metrics)
-    steps = []
-    for indices, mask in zip(order, order_mask):
-        state, m = _augmented_step_jit(
-            state, teacher_vars, train_split, *distributed.put_batch((indices, mask), batch_sharding),
-            seed_, epoch_, hparams, spec=spec, batch_sharding=batch_sharding,
-        )
-        steps.append(m)
-    steps = distributed.to_host(steps)
-    return state, {k: np.stack([m[k] for m in steps]) for k in steps[0]}
-_eval_metrics_jit = jax.jit(eval_metrics, static_argnames="spec")
+# Compiled once per process for each distinct (spec, mode, shapes, shardings): every group with
+# equal specs reuses the same executables. States are donated; the teacher never is.
+_STATIC = ("spec", "mesh", "mode")
+_group_step_jit = jax.jit(group_step, static_argnames=_STATIC, donate_argnums=0)
+_group_epoch_jit = jax.jit(group_epoch, static_argnames=_STATIC, donate_argnums=0)
+_eval_outputs_jit = jax.jit(eval_outputs, static_argnums=(0, 3, 4))
+_group_eval_outputs_jit = jax.jit(group_eval_outputs, static_argnames=_STATIC)
+_group_eval_metrics_jit = jax.jit(group_eval_metrics, static_argnames=("spec", "mode"))
 
 
-# --------------------------------------------------------------------------- host loop
+def all_outputs(model, variables, images: jax.Array, batch_size: int, taps=(), mesh=None) -> losses.Outputs:
+    """Eval-mode outputs for every image, in fixed-shape batches (the last one padded)."""
+    return map_eval_batches(lambda b: _eval_outputs_jit(model, variables, b, taps, mesh), images, batch_size)
+
+
+# --------------------------------------------------------------------------- the host loop
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """A frozen teacher: its module, variables and fingerprint (what checkpoints record)."""
+    """A frozen teacher: its architecture, module, variables and fingerprint (what checkpoints
+    record)."""
 
-    model: models.ResNet
+    arch: str
+    model: nn.Module
     variables: Any
     fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run: its config, work directory, initial student variables and provenance (what
+    ``best/meta.json`` records; its ``init`` is part of the run's identity)."""
+
+    config: TrainConfig
+    workdir: pathlib.Path
+    student_variables: Any
+    provenance: Mapping | None = None
 
 
 @dataclasses.dataclass
@@ -353,10 +463,11 @@ def summarize_steps(step_metrics: Mapping[str, np.ndarray], epoch: int, workdir:
     step_losses = np.asarray(step_metrics["loss"])
     bad = np.flatnonzero(~np.isfinite(step_losses))
     if bad.size:
+        kept = (f"the last good checkpoint is epoch {epoch} in {workdir / 'checkpoints'}" if epoch
+                else f"no epoch of this run was saved yet ({workdir})")
         raise NonFiniteLossError(
             f"non-finite training loss {step_losses[bad[0]]} at epoch {epoch + 1} step "
-            f"{bad[0] + 1}/{step_losses.size}; nothing of this epoch was saved, the last good "
-            f"checkpoint is epoch {epoch} in {workdir / 'checkpoints'}"
+            f"{bad[0] + 1}/{step_losses.size}; nothing of this epoch was saved, {kept}"
         )
     sums = {k: float(np.sum(v)) for k, v in step_metrics.items() if k != "loss"}
     count = sums.pop("count")
@@ -369,11 +480,12 @@ class RunStore:
     """One run's work directory: an orbax checkpoint per epoch (train state + history, atomic),
     ``best/`` (the best-val student as a model directory), ``metrics.json`` and ``train.log``.
 
-    ``run_meta`` identifies the run (config, architectures, teacher and data fingerprints);
-    resuming a directory that holds another run is refused.
+    ``run_meta`` identifies the run (config, architectures, initial weights, teacher and data
+    fingerprints); resuming a directory that holds another run is refused.
     """
 
-    RESUME_KEYS = ("config", "student_arch", "teacher_fingerprint", "class_names", "data_fingerprint")
+    RESUME_KEYS = ("config", "student_arch", "init", "teacher_fingerprint", "class_names",
+                   "data_fingerprint")
 
     def __init__(self, workdir: str | pathlib.Path, run_meta: Mapping):
         self.workdir = pathlib.Path(workdir).absolute()
@@ -396,8 +508,9 @@ class RunStore:
         saved = restored["meta"]
         for key in self.RESUME_KEYS:
             if saved["run"].get(key) != self.run_meta[key]:
+                flag = " (--init)" if key == "init" else ""
                 raise ResumeMismatchError(
-                    f"{self.workdir} holds a run with a different {key} "
+                    f"{self.workdir} holds a run with a different {key}{flag} "
                     f"({saved['run'].get(key)!r} != {self.run_meta[key]!r}); use another --out or delete it"
                 )
         self.history, self.best_acc, self.best_epoch = saved["history"], saved["best_val_acc"], saved["best_epoch"]
@@ -410,7 +523,8 @@ class RunStore:
         if distributed.is_primary():  # one train.log and one console per run, however many processes
             _log(msg, self.workdir)
 
-    def end_epoch(self, epoch: int, state: TrainState, record: dict, save_best: Callable[[pathlib.Path, dict], None]) -> None:
+    def end_epoch(self, epoch: int, state: TrainState, record: dict,
+                  save_best: Callable[[pathlib.Path, dict], None]) -> None:
         """Record epoch ``epoch`` (0-based): the best model first (``save_best(directory,
         provenance)`` when val accuracy improved), then the checkpoint, then metrics.json, so a
         crash at any point leaves a consistent directory to resume from."""
@@ -426,10 +540,11 @@ class RunStore:
             })
         meta = {"run": self.run_meta, "history": self.history,
                 "best_val_acc": self.best_acc, "best_epoch": self.best_epoch}
-        self.manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.manager.save(epoch, args=args)
         self.manager.wait_until_finished()
         if distributed.is_primary():  # orbax checkpoints are written by all processes, files by one
-            (self.workdir / "metrics.json").write_text(json.dumps(meta, indent=1) + "\n")
+            checkpoint.write_text_atomic(self.workdir / "metrics.json", json.dumps(meta, indent=1) + "\n")
         self.log(_epoch_line(record, self.run_meta["config"]["num_epochs"]))
         distributed.barrier("kdjax.train.end_epoch")  # no process reads ahead of process 0's files
 
@@ -441,11 +556,13 @@ class RunStore:
         self.manager.close()
 
 
-def run_meta_for(config: TrainConfig, student_arch: str, teacher: Teacher | None, dataset: data.Dataset) -> dict:
+def run_meta_for(run: Run, student_arch: str, teacher: Teacher | None, dataset: data.Dataset) -> dict:
     """What identifies a run for resuming (see ``RunStore``)."""
     return {
-        "config": config.to_json(),
+        "config": run.config.to_json(),
         "student_arch": student_arch,
+        "init": None if run.provenance is None else run.provenance.get("init"),
+        "teacher_arch": None if teacher is None else teacher.arch,
         "teacher_fingerprint": None if teacher is None else teacher.fingerprint,
         "class_names": list(dataset.class_names),
         # the decode cache's key: a digest of the source files, image size and cache settings
@@ -457,6 +574,7 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
     """The compiled step's static part for ``config`` on ``dataset``."""
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     return StepSpec(
+        student_arch=student_arch,
         student=models.create_model(student_arch, len(dataset.class_names), dtype),
         # the teacher computes in the run's dtype too (bfloat16 on accelerators); its variables stay
         # as given (float32), like the student's master weights
@@ -469,21 +587,10 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
     )
 
 
-def best_model_saver(variables, student_arch: str, dataset: data.Dataset, config: TrainConfig,
-                     provenance: Mapping | None) -> Callable[[pathlib.Path, dict], None]:
-    """``RunStore.end_epoch``'s ``save_best`` for the student ``variables`` (fetched lazily).
-    Every process calls it (the fetch may gather across processes); process 0 writes."""
-
-    def save(directory: pathlib.Path, epoch_provenance: dict) -> None:
-        host = distributed.to_host(variables)
-        if not distributed.is_primary():
-            return
-        checkpoint.save_model(
-            directory, host, arch=student_arch, class_names=dataset.class_names,
-            image_size=config.image_size, provenance={**dict(provenance or {}), **epoch_provenance},
-        )
-
-    return save
+def tx_lr(config: TrainConfig, spe: int, epoch: int) -> float:
+    """The learning rate used during ``epoch`` (0-based)."""
+    o = config.optim
+    return float(optim.step_lr(o.lr, o.step_size, o.gamma, spe)(epoch * spe))
 
 
 def epoch_record(config: TrainConfig, spe: int, epoch: int, train_figures: dict, val: Mapping, seconds: float) -> dict:
@@ -496,12 +603,305 @@ def epoch_record(config: TrainConfig, spe: int, epoch: int, train_figures: dict,
     }
 
 
-def check_run_inputs(config: TrainConfig, dataset: data.Dataset, teacher: Teacher | None, mesh) -> None:
-    if (teacher is None) != (config.distill is None):
+def recipe_key(config: TrainConfig) -> dict:
+    """What runs trained together must share: the config without seed, alpha and the loss's
+    hyper-parameters (the traced values)."""
+    d = config.to_json()
+    d.pop("seed")
+    if d["distill"] is not None:
+        d["distill"].pop("alpha")
+        d["distill"].pop("hparams")
+    return d
+
+
+def _check_runs(runs: Sequence[Run], dataset: data.Dataset, student_arch: str, teacher: Teacher | None, mesh) -> None:
+    first = runs[0]
+    for r in runs[1:]:
+        if recipe_key(r.config) != recipe_key(first.config):
+            raise ValueError(
+                f"runs trained together must share the recipe apart from seed, alpha and the loss's "
+                f"hyper-parameters: {r.workdir} has {recipe_key(r.config)}, {first.workdir} has "
+                f"{recipe_key(first.config)}"
+            )
+    workdirs = [pathlib.Path(r.workdir).absolute() for r in runs]
+    if len(set(workdirs)) != len(workdirs):
+        raise ValueError("runs trained together need distinct work directories")
+    if (teacher is None) != (first.config.distill is None):
         raise ValueError("a distillation config needs a teacher, and supervised training none")
-    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(first.config.batch_size, mesh)
     if dataset["train"].train is None:
         raise ValueError("the dataset was loaded without training views for its 'train' split")
+    if teacher is not None:
+        s_in, t_in = models.get(student_arch).input, models.get(teacher.arch).input
+        if (s_in.mean, s_in.std) != (t_in.mean, t_in.std):
+            raise ValueError(
+                f"teacher {teacher.arch} and student {student_arch} normalise their inputs "
+                f"differently (mean/std {t_in.mean}/{t_in.std} against {s_in.mean}/{s_in.std}); "
+                "both see the same batch, so kdjax needs one normalisation for the pair"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What every group of a call shares, placed on the devices once."""
+
+    spec: StepSpec
+    mesh: jax.sharding.Mesh
+    train_split: Any
+    val_images: jax.Array
+    val_labels: jax.Array
+    teacher_vars: Any
+    t_val: losses.Outputs | None
+    student_arch: str
+    dataset: data.Dataset
+    scan: bool
+
+
+def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_arch: str,
+           teacher: Teacher | None, mesh, scan: bool) -> _Setup:
+    repl = sharding.replicated(mesh)
+    # Host data that every process holds alike, copied by each process onto its own devices.
+    val_images = distributed.put_replicated(dataset["val"].eval.images, repl)
+    teacher_vars = None if teacher is None else distributed.put_replicated(teacher.variables, repl)
+    t_val = None
+    if teacher is not None:  # frozen teacher, fixed val views: once for every run of the call
+        t_val = jax.block_until_ready(
+            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh))
+    return _Setup(
+        spec=spec, mesh=mesh,
+        train_split=distributed.put_replicated(dataset["train"].train, repl),
+        val_images=val_images,
+        val_labels=distributed.put_replicated(dataset["val"].eval.labels, repl),
+        teacher_vars=teacher_vars, t_val=t_val, student_arch=student_arch, dataset=dataset, scan=scan,
+    )
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, k: int) -> Any:
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+def backbone_key(student_arch: str, variables: Mapping) -> str:
+    """A digest of everything but the head: runs with equal keys (and seeds) share a backbone."""
+    return checkpoint.fingerprint(distributed.to_host(models.without_head(student_arch, variables)))
+
+
+def layout_for(runs: Sequence[Run], states: Sequence[TrainState], student_arch: str,
+               shared: bool) -> tuple[list[int], Layout]:
+    """The distinct seeds and the sharing ``Layout`` of ``runs`` (each its own backbone group
+    unless ``shared``)."""
+    seeds = sorted({r.config.seed for r in runs})
+    run_seed = [seeds.index(r.config.seed) for r in runs]
+    keys = [
+        (r.config.seed, backbone_key(student_arch, {"params": st.params, "batch_stats": st.batch_stats})
+         if shared else k)
+        for k, (r, st) in enumerate(zip(runs, states))
+    ]
+    groups = list(dict.fromkeys(keys))
+    run_group = [groups.index(key) for key in keys]
+    group_rep = [keys.index(g) for g in groups]
+    group_seed = [run_seed[k] for k in group_rep]
+    # seeds as uint32: the view keys' type
+    return seeds, Layout(np.asarray(seeds, np.uint32), *(np.asarray(a, np.int32) for a in
+                                                         (run_seed, run_group, group_seed, group_rep)))
+
+
+def group_mode(spec: StepSpec, num_runs: int, share_frozen: bool) -> GroupMode:
+    """``single`` for one run; ``shared`` where frozen backbones can be shared (the loss reads
+    logits only); else ``vmap``."""
+    if num_runs == 1:
+        return "single"
+    frozen = spec.student_train in ("fc", "fc_frozen_bn")
+    return "shared" if share_frozen and frozen and not spec.taps else "vmap"
+
+
+def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_mask: np.ndarray,
+                    epoch: int, hparams, layout: Layout, spec: StepSpec, mesh, mode: GroupMode,
+                    scan: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    """One epoch of a group from its host-side order ``[steps, S, B]``: one scanned program
+    (``scan``) or a host loop over jitted steps; both keep the data on the device. Returns the
+    states and per-step metrics ``[steps, K]`` on the host."""
+    epoch_ = jnp.int32(epoch)
+    # every process holds the whole epoch order but feeds only its own rows of each batch
+    if scan:
+        states, metrics = _group_epoch_jit(
+            states, teacher_vars, train_split,
+            *distributed.put_batch((order, order_mask), sharding.batch_sharding_at(mesh, 2)),
+            epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode)
+        return states, distributed.to_host(metrics)
+    steps = []
+    for indices, mask in zip(order, order_mask):
+        states, m = _group_step_jit(
+            states, teacher_vars, train_split,
+            *distributed.put_batch((indices, mask), sharding.batch_sharding_at(mesh, 1)),
+            epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode)
+        steps.append(m)
+    steps = distributed.to_host(steps)
+    return states, {k: np.stack([m[k] for m in steps]) for k in steps[0]}
+
+
+def group_val_outputs(spec: StepSpec, states, val_images, layout: Layout, batch_size: int, mesh,
+                      mode: GroupMode) -> losses.Outputs:
+    """Every run's student outputs ``[K, N, ...]`` on the validation views."""
+    s_vars = {"params": states.params, "batch_stats": states.batch_stats}
+    return map_eval_batches(
+        lambda b: _group_eval_outputs_jit(spec, s_vars, b, layout, mesh=mesh, mode=mode),
+        val_images, batch_size, example_axis=1)
+
+
+def _train_group(setup: _Setup, members: Sequence[tuple[int, Run, RunStore, Any]], start: int,
+                 share_frozen: bool, on_epoch) -> None:
+    """Epochs ``start..num_epochs`` of runs that all stand at ``start``, trained as one group."""
+    runs = [r for _, r, _, _ in members]
+    stores = [s for _, _, s, _ in members]
+    config, spec, mesh = runs[0].config, setup.spec, setup.mesh
+    repl = sharding.replicated(mesh)
+    mode = group_mode(spec, len(runs), share_frozen)
+    seeds, layout = layout_for(runs, [st for _, _, _, st in members], setup.student_arch, mode == "shared")
+    layout = distributed.put_replicated(layout, repl)
+    hparams = distributed.put_replicated(_stack([hparams_for(r.config) for r in runs]), repl)
+    states = jax.device_put(_stack([st for _, _, _, st in members]), repl)
+    k_runs, spe = len(runs), spec.steps_per_epoch
+    num_train = setup.dataset["train"].num_examples
+    desc = "epochs" if mode == "single" else f"epochs ({k_runs} runs together" + (
+        f", {int(layout.group_rep.shape[0])} backbones)" if mode == "shared" else ")")
+    bar = tqdm(range(start, config.num_epochs), desc=desc, unit="epoch", file=sys.stderr,
+               initial=start, total=config.num_epochs, leave=False, dynamic_ncols=True,
+               disable=not distributed.is_primary())
+    for epoch in bar:
+        t0 = time.perf_counter()
+        orders = [data.epoch_order(num_train, config.batch_size, s, epoch, shuffle=True) for s in seeds]
+        order = np.stack([o for o, _ in orders], axis=1)  # [steps, S, B]
+        order_mask = np.stack([m for _, m in orders], axis=1)
+        states, step_metrics = run_group_epoch(
+            states, setup.teacher_vars, setup.train_split, order, order_mask, epoch, hparams, layout,
+            spec, mesh, mode, setup.scan)
+        # every run's figures first: a non-finite loss in any run saves nothing of this epoch
+        train_figures = [
+            summarize_steps({k: v[:, i] for k, v in step_metrics.items()}, epoch, store.workdir)
+            for i, store in enumerate(stores)
+        ]
+        s_val = group_val_outputs(spec, states, setup.val_images, layout, config.batch_size, mesh, mode)
+        s_vars = {"params": states.params, "batch_stats": states.batch_stats}
+        val = distributed.to_host(_group_eval_metrics_jit(s_val, setup.t_val, setup.val_labels, hparams,
+                                                          spec=spec, mode=mode))
+        seconds = (time.perf_counter() - t0) / k_runs
+        for i, (index, run, store, _) in enumerate(members):
+            record = epoch_record(run.config, spe, epoch, train_figures[i],
+                                  {key: v[i] for key, v in val.items()}, seconds)
+            if k_runs > 1:
+                record["runs_together"] = k_runs
+            saver = best_model_saver(_unstack(s_vars, i), setup, run)
+            store.end_epoch(epoch, _unstack(states, i), record, saver)
+            if on_epoch is not None:
+                on_epoch(index, record)
+    bar.close()
+
+
+def best_model_saver(variables, setup: _Setup, run: Run) -> Callable[[pathlib.Path, dict], None]:
+    """``RunStore.end_epoch``'s ``save_best`` for the student ``variables`` (fetched lazily).
+    Every process calls it (the fetch may gather across processes); process 0 writes."""
+
+    def save(directory: pathlib.Path, epoch_provenance: dict) -> None:
+        host = distributed.to_host(variables)
+        if not distributed.is_primary():
+            return
+        checkpoint.save_model(
+            directory, host, arch=setup.student_arch, class_names=setup.dataset.class_names,
+            image_size=run.config.image_size,
+            provenance={**dict(run.provenance or {}), **epoch_provenance},
+        )
+
+    return save
+
+
+def default_scan_epochs() -> bool:
+    """Scanned epochs on accelerators; a host loop of jitted steps on CPU, where it runs as fast
+    (benchmarks/README.md) and compiles a smaller program."""
+    return jax.default_backend() != "cpu"
+
+
+def train_runs(
+    runs: Sequence[Run],
+    dataset: data.Dataset,
+    *,
+    student_arch: str = "resnet18",
+    teacher: Teacher | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    scan_epochs: bool | None = None,
+    vectorize: bool = True,
+    share_frozen: bool = True,
+) -> list[RunResult]:
+    """Train ``runs`` (one recipe; seeds, alphas and loss hyper-parameters may differ) and return
+    their results in order, resuming whatever their directories hold.
+
+    ``vectorize`` trains runs that stand at the same epoch together as one group (see the module
+    docstring); otherwise one after another. ``on_epoch(k, record)`` is called for run k after
+    each epoch. ``share_frozen=False`` keeps one backbone pass per run even where a frozen
+    backbone could be shared. A non-finite loss stops with ``NonFiniteLossError`` before the
+    epoch is saved, so the last good checkpoint stays intact.
+    """
+    if not runs:
+        return []
+    mesh = mesh or sharding.data_mesh()
+    _check_runs(runs, dataset, student_arch, teacher, mesh)
+    first = runs[0].config
+    scan = default_scan_epochs() if scan_epochs is None else scan_epochs
+    spec = step_spec_for(first, dataset, student_arch, teacher)
+    repl = sharding.replicated(mesh)
+    num_train = dataset["train"].num_examples
+    stores, states = [], []
+    try:
+        for r in runs:
+            store = RunStore(r.workdir, run_meta_for(r, student_arch, teacher, dataset))
+            stores.append(store)
+            # Fresh state from host copies: device_put may alias, and the step donates its state.
+            host = jax.tree_util.tree_map(np.asarray, dict(r.student_variables))
+            state = distributed.put_replicated(create_train_state(host, spec), repl)
+            abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
+            restored = store.restore(abstract)
+            states.append(state if restored is None else restored)
+            if num_train % first.batch_size == 1 and first.batch_size > 1 and store.start_epoch < first.num_epochs:
+                store.log(SINGLE_EXAMPLE_NOTE.format(num_train=num_train, batch_size=first.batch_size))
+
+        pending = [k for k, s in enumerate(stores) if s.start_epoch < first.num_epochs]
+        if vectorize:
+            by_start: dict[int, list[int]] = {}
+            for k in pending:
+                by_start.setdefault(stores[k].start_epoch, []).append(k)
+            groups = [by_start[s] for s in sorted(by_start)]
+        else:
+            groups = [[k] for k in pending]
+        setup = _setup(spec, first, dataset, student_arch, teacher, mesh, scan) if groups else None
+        bar = None
+        if len(groups) > 1 and not vectorize:
+            bar = tqdm(total=len(groups), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True,
+                       disable=not distributed.is_primary())
+        for members in groups:
+            if bar is not None:
+                bar.set_postfix_str(runs[members[0]].workdir.name)
+            group = [(k, runs[k], stores[k], states[k]) for k in members]
+            _train_group(setup, group, stores[members[0]].start_epoch, share_frozen, on_epoch)
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+    finally:
+        for store in stores:
+            store.close()
+    return [store.result() for store in stores]
+
+
+SINGLE_EXAMPLE_NOTE = (
+    "note: {num_train} training examples at batch size {batch_size} leave one example in the "
+    "last batch of every epoch. It trains like any other batch; a BatchNorm layer that sees one "
+    "value per channel in it (e.g. 1x1 maps) normalises it with its own statistics, updates its "
+    "running mean and keeps its running variance (kdjax.models.resnet.BatchNorm)"
+)
 
 
 def train_and_evaluate(
@@ -517,70 +917,16 @@ def train_and_evaluate(
     on_epoch: Callable[[dict], None] | None = None,
     scan_epochs: bool | None = None,
 ) -> RunResult:
-    """Train for ``config.num_epochs`` epochs (resuming whatever ``workdir`` already holds).
+    """One run for ``config.num_epochs`` epochs: ``train_runs`` of a single ``Run``.
 
     Writes ``workdir/checkpoints/<epoch>`` (orbax: train state + run metadata, every epoch,
     atomically), ``workdir/best`` (the best-val student as a model directory) and
-    ``workdir/metrics.json``. A non-finite loss stops with ``NonFiniteLossError`` before the
-    epoch is saved, so the last good checkpoint stays intact.
+    ``workdir/metrics.json``.
     """
-    if scan_epochs is None:  # see train_epoch: scanned epochs pay off on accelerators only
-        scan_epochs = jax.default_backend() != "cpu"
-    mesh = mesh or sharding.data_mesh()
-    check_run_inputs(config, dataset, teacher, mesh)
-    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    num_train = dataset["train"].num_examples
-    spec = step_spec_for(config, dataset, student_arch, teacher)
-    spe = spec.steps_per_epoch
-    # Host data that every process holds alike, copied by each process onto its own devices.
-    hparams = distributed.put_replicated(hparams_for(config), repl)
-    train_split = distributed.put_replicated(dataset["train"].train, repl)
-    val_images = distributed.put_replicated(dataset["val"].eval.images, repl)
-    val_labels = distributed.put_replicated(dataset["val"].eval.labels, repl)
-    teacher_vars = None if teacher is None else distributed.put_replicated(teacher.variables, repl)
-
-    store = RunStore(workdir, run_meta_for(config, student_arch, teacher, dataset))
-    # Fresh state from host copies: device_put may alias, and the step donates its state.
-    fresh = create_train_state(jax.tree_util.tree_map(np.asarray, dict(student_variables)), spec.tx, spec.student_train)
-    state = distributed.put_replicated(fresh, repl)
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
-    restored = store.restore(abstract)
-    if restored is not None:
-        state = restored
-
-    t_val_logits = None
-    if teacher is not None:  # the teacher is frozen and val views are fixed: compute once per run
-        t_val_logits = all_logits(spec.teacher, teacher_vars, val_images, config.batch_size, batch_sh)
-
-    epochs = tqdm(
-        range(store.start_epoch, config.num_epochs), desc="epochs", unit="epoch", file=sys.stderr,
-        initial=store.start_epoch, total=config.num_epochs, leave=False, dynamic_ncols=True,
-        disable=not distributed.is_primary(),
-    )
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        order, order_mask = data.epoch_order(num_train, config.batch_size, config.seed, epoch, shuffle=True)
-        state, step_metrics = run_epoch(
-            state, teacher_vars, train_split, order, order_mask, config.seed, epoch, hparams,
-            spec, batch_sh, scan_epochs,
-        )
-        train_figures = summarize_steps(step_metrics, epoch, store.workdir)
-        s_vars = {"params": state.params, "batch_stats": state.batch_stats}
-        s_val_logits = all_logits(spec.student, s_vars, val_images, config.batch_size, batch_sh)
-        val = _eval_metrics_jit(s_val_logits, t_val_logits, val_labels, hparams, spec=spec)
-        record = epoch_record(config, spe, epoch, train_figures, val, time.perf_counter() - t0)
-        store.end_epoch(epoch, state, record, best_model_saver(s_vars, student_arch, dataset, config, provenance))
-        if on_epoch is not None:
-            on_epoch(record)
-    epochs.close()
-    store.close()
-    return store.result()
-
-
-def tx_lr(config: TrainConfig, spe: int, epoch: int) -> float:
-    """The learning rate used during ``epoch`` (0-based)."""
-    o = config.optim
-    return float(optim.step_lr(o.lr, o.step_size, o.gamma, spe)(epoch * spe))
+    run = Run(config, pathlib.Path(workdir), student_variables, provenance)
+    callback = None if on_epoch is None else (lambda k, record: on_epoch(record))
+    return train_runs([run], dataset, student_arch=student_arch, teacher=teacher, mesh=mesh,
+                      on_epoch=callback, scan_epochs=scan_epochs)[0]
 
 
 def _epoch_line(r: dict, num_epochs: int) -> str:

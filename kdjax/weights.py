@@ -1,32 +1,37 @@
-"""torchvision ResNet weights for kdjax: name/layout mapping, ImageNet files, conversion CLI.
+"""Where a run's weights come from (ImageNet, scratch, a file), and the conversion CLI.
 
     python -m kdjax.weights convert --arch {resnet18,resnet50} --src FILE --out DIR \
         [--class-names ants,bees]
     python -m kdjax.weights fetch --arch {resnet18,resnet50}
 
-``FILE`` is read by :mod:`kdjax.torchfile` (no torch, no pickled code run) and may hold a
-state_dict or a whole pickled module. The mapping is strict: every key of the file must land on
-a flax variable of the same shape and every flax variable must be filled, so a wrong ``--arch``
-or a truncated file fails by key name instead of yielding a half-random network.
+``FILE`` is read by :mod:`kdjax.models.torchfile` (no torch, no pickled code run) and may hold a
+state_dict or a whole pickled module; :mod:`kdjax.models.torchvision` maps it, strictly.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import os
 import pathlib
-import re
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
-import numpy as np
 
 from kdjax import checkpoint, models
-from kdjax.fetch import DownloadError, download, sha256_file, verify_sha256
-from kdjax.torchfile import TorchFileError, load_state_dict
+from kdjax.fetch import DownloadError, sha256_file
+from kdjax.models.torchfile import TorchFileError, load_state_dict
+from kdjax.models.torchvision import (
+    DEFAULT_DIR,
+    IMAGENET_WEIGHTS,
+    PretrainedFile,
+    WeightMappingError,
+    WeightsNotFoundError,
+    _listing,
+    fetch,
+    imagenet_variables,
+    to_flax,
+)
 
 __all__ = [
     "IMAGENET_WEIGHTS", "PretrainedFile", "WeightMappingError", "WeightsNotFoundError",
@@ -34,195 +39,10 @@ __all__ = [
     "initial_variables", "convert", "main",
 ]
 
-DEFAULT_DIR = pathlib.Path("third_party_weights")  # relative to the working directory (repo root)
-IMAGENET_CLASSES = 1000
-
-
-class WeightMappingError(ValueError):
-    """A state_dict does not fit the flax model; the message names every offending key."""
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """The ImageNet file is not on disk; the message gives the command that fetches it."""
 
 
 class ClassNamesError(ValueError):
     """The class names do not match the head of the weights."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainedFile:
-    url: str
-    sha256: str
-    size: int  # bytes, for the README and a sanity check by eye
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-
-# torchvision's IMAGENET1K_V1 weights. The 8 hex digits in each file name are torchvision's own
-# prefix of the file's SHA-256; the full digests are those published by third parties who
-# downloaded the files (see third_party_weights/README.md).
-IMAGENET_WEIGHTS: dict[str, PretrainedFile] = {
-    "resnet18": PretrainedFile(
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-        "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
-        46_830_571,
-    ),
-    "resnet50": PretrainedFile(
-        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
-        102_530_333,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------- name mapping
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """Where one torchvision key goes: ``variables[collection][*path]`` after ``layout``."""
-
-    collection: str  # "params", "batch_stats" or "" for keys that are consumed but dropped
-    path: tuple[str, ...]
-    torch_shape: tuple[int, ...] | None
-    layout: Callable[[np.ndarray], np.ndarray]
-
-
-def _identity(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-def _oihw_to_hwio(a: np.ndarray) -> np.ndarray:
-    return a.transpose(2, 3, 1, 0)
-
-
-def _linear_to_dense(a: np.ndarray) -> np.ndarray:
-    return a.T  # torch Linear stores (out, in); flax Dense (in, out)
-
-
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
-               "mean": "running_mean", "var": "running_var"}
-
-
-def _torch_module_name(flax_names: Sequence[str]) -> str:
-    # models.py names the i-th child of a torch Sequential ``<parent>_<i>`` (layer1_0, downsample_1)
-    return ".".join(re.sub(r"_(\d+)$", r".\1", n) for n in flax_names)
-
-
-@functools.lru_cache(maxsize=None)
-def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
-    """Every torchvision key of ``arch`` and where it goes, derived from the flax model itself."""
-    abstract = models.abstract_variables(models.create_model(arch, num_classes))
-    table: dict[str, _Target] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-        collection, *mods, name = (p.key for p in path)
-        module = _torch_module_name(mods)
-        shape = tuple(leaf.shape)
-        if name == "kernel" and len(shape) == 4:
-            layout, torch_shape = _oihw_to_hwio, (shape[3], shape[2], shape[0], shape[1])
-        elif name == "kernel" and len(shape) == 2:
-            layout, torch_shape = _linear_to_dense, (shape[1], shape[0])
-        else:
-            layout, torch_shape = _identity, shape
-        table[f"{module}.{_TORCH_LEAF[name]}"] = _Target(
-            collection, (*mods, name), torch_shape, layout)
-        if name == "mean":  # a BatchNorm: torch also saves a step counter that flax has no use for
-            table[f"{module}.num_batches_tracked"] = _Target("", (), None, _identity)
-    return table
-
-
-def _listing(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "state_dict") -> dict:
-    """``{'params', 'batch_stats'}`` (nested dicts of float32 numpy arrays) for ``arch``.
-
-    ``num_classes`` is read from ``fc.weight``. Raises :class:`WeightMappingError` naming every
-    missing, unexpected or misshaped key (shapes in torch's layout); ``source`` names the file.
-    """
-    if arch not in models.ARCHS:
-        raise WeightMappingError(f"unknown arch {arch!r}: expected one of {sorted(models.ARCHS)}")
-    fc = state_dict.get("fc.weight")
-    if fc is None or np.ndim(fc) != 2:
-        got = "missing" if fc is None else f"of shape {np.shape(fc)}"
-        raise WeightMappingError(
-            f"{source}: fc.weight is {got}; a torchvision {arch} state_dict has a 2-D fc.weight, "
-            "which also gives the number of classes")
-    num_classes = int(np.shape(fc)[0])
-    table = _targets(arch, num_classes)
-
-    unexpected = [k for k in state_dict if k not in table]
-    missing = [k for k, t in table.items() if t.collection and k not in state_dict]
-    misshaped = [
-        f"{k} is {tuple(np.shape(v))}, expected {table[k].torch_shape}"
-        for k, v in state_dict.items()
-        if k in table and table[k].collection and tuple(np.shape(v)) != table[k].torch_shape
-    ]
-    if unexpected or missing or misshaped:
-        found = (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
-        parts = [f"{len(keys)} {kind} key(s): {_listing(keys)}" for kind, keys in found if keys]
-        raise WeightMappingError(
-            f"{source} does not fit a torchvision {arch} with {num_classes} classes: "
-            + "; ".join(parts)
-            + f". Check that the file holds a torchvision {arch}.")
-
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for key, value in state_dict.items():
-        target = table[key]
-        if not target.collection:
-            continue
-        node = variables[target.collection]
-        for name in target.path[:-1]:
-            node = node.setdefault(name, {})
-        node[target.path[-1]] = np.ascontiguousarray(target.layout(np.asarray(value)),
-                                                     dtype=np.float32)
-    return variables
-
-
-# ----------------------------------------------------------------------------- ImageNet files
-
-def _spec(arch: str) -> PretrainedFile:
-    if arch not in IMAGENET_WEIGHTS:
-        raise ValueError(f"no ImageNet weights for arch {arch!r}: expected one of "
-                         f"{sorted(IMAGENET_WEIGHTS)}")
-    return IMAGENET_WEIGHTS[arch]
-
-
-def fetch(arch: str, dest_dir: os.PathLike = DEFAULT_DIR) -> pathlib.Path:
-    """Download torchvision's IMAGENET1K_V1 file for ``arch`` (checksummed); return its path.
-
-    A file already in ``dest_dir`` is verified, not downloaded again. Offline, raises
-    :class:`kdjax.fetch.DownloadError` naming the URL and where to place the file by hand.
-    """
-    spec = _spec(arch)
-    return download(spec.url, pathlib.Path(dest_dir) / spec.filename, spec.sha256)
-
-
-def imagenet_variables(
-    arch: str, num_classes: int, key: jax.Array, *, weights_dir: os.PathLike = DEFAULT_DIR
-) -> dict:
-    """torchvision's ImageNet weights for ``arch``; a fresh torch-style head unless 1000 classes.
-
-    Never falls back to random weights: a missing file raises :class:`WeightsNotFoundError`
-    with the fetch command, a corrupt one :class:`kdjax.fetch.DownloadError`.
-    """
-    spec = _spec(arch)
-    path = pathlib.Path(weights_dir) / spec.filename
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"{path}: ImageNet weights for {arch} not found. Fetch them with "
-            f"`python -m kdjax.weights fetch --arch {arch}` from the repository root, or "
-            f"download {spec.url} by hand and place it at {path}.")
-    verify_sha256(path, spec.sha256)
-    variables = to_flax(load_state_dict(path), arch, source=str(path))
-    if num_classes != IMAGENET_CLASSES:
-        fan_in = variables["params"]["fc"]["kernel"].shape[0]
-        variables["params"]["fc"] = jax.device_get(models.fresh_head(key, fan_in, num_classes))
-    return variables
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -263,7 +83,7 @@ def initial_variables(
         model = models.create_model(arch, num_classes)
         return jax.device_get(models.init_variables(model, key, image_size)), {"init": "scratch"}
     variables, _, provenance = load_variables(init, arch)
-    outputs = int(np.shape(variables["params"]["fc"]["bias"])[0])
+    outputs = models.num_outputs(arch, variables)
     if outputs != num_classes:
         raise ValueError(
             f"--init {init}: its head has {outputs} outputs but the data has {num_classes} classes"
@@ -282,7 +102,7 @@ def convert(
     """
     src = pathlib.Path(src)
     variables = to_flax(load_state_dict(src), arch, source=str(src))
-    num_classes = int(variables["params"]["fc"]["bias"].shape[0])
+    num_classes = models.num_outputs(arch, variables)
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:

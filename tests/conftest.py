@@ -7,8 +7,10 @@ creates its backend, hence the environment variable at import time.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -25,10 +27,12 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera_data"
+COMPILE_CACHE = REPO / ".cache" / "jax-tests"
+CHILD = pathlib.Path(__file__).with_name("child.py")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Compiling ResNet-50 costs seconds on 2 cores; a persistent cache makes reruns cheap.
-jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax-tests"))
+jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -39,6 +43,9 @@ def hymenoptera_dir() -> pathlib.Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"real dataset not found at {HYMENOPTERA}")
     return HYMENOPTERA
+
+
+# ----------------------------------------------------------------------------- generated images
 
 
 def write_image(path: pathlib.Path, size=(40, 30), seed=0, mode="RGB", fmt=None) -> pathlib.Path:
@@ -56,20 +63,114 @@ def write_image(path: pathlib.Path, size=(40, 30), seed=0, mode="RGB", fmt=None)
     return path
 
 
+def varied_size(seed: int) -> tuple[int, int]:
+    """Image sizes (width, height) that differ from image to image: 40-46 x 30-34 px."""
+    return 40 + seed % 7, 30 + seed % 5
+
+
+def make_image_folder(root: pathlib.Path, spec: dict, size=(40, 30), name: str = "{cls}_{i}.jpg") -> pathlib.Path:
+    """Write an ImageFolder tree of random JPEGs at ``root`` and return it.
+
+    ``spec`` is ``{"train": {"ants": 3, "bees": 2}, "val": {...}}``; image k (counting from 1
+    over the splits and classes in ``spec``'s order) has seed k and size ``size``, or
+    ``size(k)`` when ``size`` is a function such as ``varied_size``; ``name`` is formatted with
+    the class and the index in the class. For module-scoped fixtures; tests take ``image_folder``.
+    """
+    seed = 0
+    for split, classes in spec.items():
+        for cls, n in classes.items():
+            for i in range(n):
+                seed += 1
+                width_height = size(seed) if callable(size) else size
+                write_image(root / split / cls / name.format(cls=cls, i=i), width_height, seed)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path):
-    """Factory: ``image_folder({"train": {"ants": 3, "bees": 2}, "val": {...}}, size=(40, 30))``
-    writes an ImageFolder tree of random JPEGs and returns its root."""
+    """Factory: ``image_folder(spec, size=(40, 30), root=None, name=...)`` is ``make_image_folder``
+    at ``root``, by default ``tmp_path / "images"``."""
 
-    def make(spec: dict, size=(40, 30), root: pathlib.Path | None = None) -> pathlib.Path:
-        root = root or tmp_path / "images"
-        seed = 0
-        for split, classes in spec.items():
-            for cls, n in classes.items():
-                for i in range(n):
-                    seed += 1
-                    w, h = size if not callable(size) else size(seed)
-                    write_image(root / split / cls / f"{cls}_{i}.jpg", (w, h), seed)
-        return root
+    def make(spec: dict, size=(40, 30), root: pathlib.Path | None = None, **kwargs) -> pathlib.Path:
+        return make_image_folder(root or tmp_path / "images", spec, size, **kwargs)
 
     return make
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def as_teacher(arch: str, model, variables):
+    """``variables`` of ``model`` as the engine's teacher, with the fingerprint that a resumed run
+    checks."""
+    from kdjax import checkpoint, train
+
+    return train.Teacher(arch, model, variables, checkpoint.fingerprint(variables))
+
+
+def calibrated_variables(model, key, images) -> dict:
+    """Random variables of ``model`` whose BatchNorm running statistics are those of ``images``
+    (uint8 eval views, one train-mode batch), so that eval-mode logits are O(1-10) as with
+    trained networks: raw random statistics (mean 0, var 1) give logits ~1e4, which turn
+    round-off into large absolute differences. One train-mode pass from the init statistics
+    moves running = m * old + (1 - m) * batch; solved here for the batch's."""
+    import jax.numpy as jnp
+
+    from kdjax import models
+    from kdjax.data import augment
+
+    m = models.resnet.BatchNorm.momentum
+    variables = models.init_variables(model, key, images.shape[1])
+    _, updates = model.apply(variables, augment.normalize(jnp.asarray(images)), train=True, mutable=["batch_stats"])
+    stats = jax.tree.map(lambda new, old: (new - m * old) / (1 - m), updates["batch_stats"], variables["batch_stats"])
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+def read_metrics(workdir) -> dict:
+    """A run's ``metrics.json``."""
+    return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+
+
+def read_history(workdir) -> list[dict]:
+    """A run's epoch records without their wall-clock ``seconds``, which differ between two runs
+    that computed the same numbers."""
+    history = read_metrics(workdir)["history"]
+    for record in history:
+        record.pop("seconds")
+    return history
+
+
+EXACT = ("acc", "teacher_acc", "agreement")  # counts over the examples
+
+
+def assert_same_history(got: list[dict], want: list[dict], rtol: float, atol: float = 1e-6) -> None:
+    """Two runs' epoch records agree: the epochs and learning rates exactly, the counts
+    (accuracies, agreement) exactly, every other train and val figure to ``rtol`` relative
+    (``atol`` absolute). Each caller says why its ``rtol`` is the right one."""
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for g, w in zip(got, want):
+        assert g["lr"] == w["lr"], g["epoch"]
+        for phase in ("train", "val"):
+            assert g[phase].keys() == w[phase].keys(), (g["epoch"], phase)
+            for key, value in w[phase].items():
+                if key in EXACT:
+                    assert g[phase][key] == value, (g["epoch"], phase, key)
+                else:
+                    np.testing.assert_allclose(g[phase][key], value, rtol=rtol, atol=atol,
+                                               err_msg=f"epoch {g['epoch']} {phase}/{key}")
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_command(workdir, images, cache, *flags) -> list[str]:
+    """The command line of one ``tests/child.py`` process (a small run; see its docstring)."""
+    return [sys.executable, str(CHILD), str(workdir), str(images), str(cache), *map(str, flags)]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this one's, with the tests' compile cache and the
+    CPU, and without ``XLA_FLAGS`` (the child sets its own device count)."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(COMPILE_CACHE), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return env

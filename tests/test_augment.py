@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
-from kdjax import augment, transforms
+from kdjax.data import augment, transforms
 
 N_DRAWS = 20_000
 # Two-sample KS critical value at alpha = 1e-3 for n = m = 20k is 1.95 * sqrt(2 / 20k) = 0.0195.

@@ -16,7 +16,9 @@ pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from benchmarks import run  # noqa: E402
-from kdjax import augment, data, models  # noqa: E402
+from conftest import make_image_folder, write_image  # noqa: E402
+from kdjax import data, models  # noqa: E402
+from kdjax.data import augment  # noqa: E402
 
 CASE = run.Case(mode="fc", image_size=32, batch=2, threads=1)
 KEYS = {"name", "framework", "variant", "image_size", "batch", "dtype", "median_s", "images_per_s",
@@ -62,15 +64,7 @@ def test_ratios_divide_kdjax_by_each_reference_variant(records):
 
 @pytest.fixture(scope="module")
 def protocol_records(tmp_path_factory):
-    from conftest import write_image
-
-    root = tmp_path_factory.mktemp("proto") / "images"
-    seed = 0
-    for split, classes in SPEC.items():
-        for cls, n in classes.items():
-            for i in range(n):
-                seed += 1
-                write_image(root / split / cls / f"{cls}_{i}.jpg", (40, 30), seed)
+    root = make_image_folder(tmp_path_factory.mktemp("proto") / "images", SPEC)
     emitted = []
     records = run.measure_protocol(PROTO_CASE, PROTO, root, vectorize="off",
                                    cache_dir=root.parent / "cache", emit=emitted.append)
@@ -181,7 +175,6 @@ def test_plan_protocol_sizes_and_overrides():
 
 def test_prepare_gpu_data_resizes_like_torchvision_and_copies_the_rest(tmp_path):
     # benchmarks.prepare_gpu_data is the GPU carry's helper; its few lines are checked here
-    from conftest import write_image
     from PIL import Image
     from torchvision import transforms
 

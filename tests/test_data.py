@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 from conftest import write_image
-from kdjax import data, sharding, transforms
-from kdjax.image_folder import DataError
+from kdjax import data, sharding
+from kdjax.data import transforms
+from kdjax.data.folder import DataError
 
 _train_batch = jax.jit(data.train_batch, static_argnames=("image_size", "crop"))
 _eval_batch = jax.jit(data.eval_batch)
@@ -104,8 +106,8 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 @pytest.fixture
 def small(image_folder, tmp_path):
-    sizes = lambda seed: (40 + 7 * (seed % 5), 30 + 11 * (seed % 3))  # noqa: E731
-    root = image_folder({"train": {"ants": 6, "bees": 5}, "val": {"ants": 3, "bees": 4}}, size=sizes)
+    root = image_folder({"train": {"ants": 6, "bees": 5}, "val": {"ants": 3, "bees": 4}},
+                        size=lambda seed: (40 + 7 * (seed % 5), 30 + 11 * (seed % 3)))
     return data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
 
 
@@ -155,8 +157,17 @@ def test_batch_not_divisible_by_devices_is_refused(small):
         data.put_epoch_order(idx, mask, sharding.data_mesh())
 
 
-def _bad_folder(image_folder):
-    root = image_folder({"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
+def _messages(caplog) -> str:
+    """What kdjax's input pipeline (the ``kdjax.data`` loggers) logged."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("kdjax.data"))
+
+
+BAD_NAMES = ("train/ants/empty.jpg", "train/bees/cut.jpg", "val/bees/notes.png")
+
+
+def _bad_folder(image_folder, root=None):
+    spec = {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}}
+    root = image_folder(spec, root=root)
     (root / "train" / "ants" / "empty.jpg").write_bytes(b"")
     big = write_image(root / "train" / "bees" / "cut.jpg", size=(200, 150), seed=7)
     big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
@@ -171,7 +182,7 @@ def test_bad_images_are_all_named_with_the_way_out(image_folder, tmp_path):
             data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
         msg = str(err.value)
         assert "3 unreadable image file(s)" in msg and "--skip_bad_images" in msg
-        for name in ("train/ants/empty.jpg", "train/bees/cut.jpg", "val/bees/notes.png"):
+        for name in BAD_NAMES:
             assert str(root / name) in msg
         assert "truncated" in msg
 
@@ -181,9 +192,31 @@ def test_skip_bad_images_lists_what_it_left_out(image_folder, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kdjax.data"):
         ds = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32, skip_bad_images=True)
     assert ds["train"].num_examples == 6 and ds["val"].num_examples == 4
-    warning = "\n".join(r.getMessage() for r in caplog.records if r.name == "kdjax.data")
+    warning = _messages(caplog)
     assert "left out 3 unreadable image file(s)" in warning
     assert str(root / "train" / "bees" / "cut.jpg") in warning
+
+
+def test_bad_images_are_named_under_the_folder_loaded_now(image_folder, tmp_path, caplog):
+    """A copied or moved tree has the same digest, so it reuses the cache built from the
+    original: its warning and error must name the files where they are now."""
+    original = _bad_folder(image_folder, root=tmp_path / "original")
+    cache = tmp_path / "cache"
+    cold = data.load_splits(original, cache_dir=cache, image_size=32, skip_bad_images=True)
+    moved = tmp_path / "moved" / "images"
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdjax.data"):
+        warm = data.load_splits(moved, cache_dir=cache, image_size=32, skip_bad_images=True)
+    assert cold.decoded and not warm.decoded and warm.cache_path == cold.cache_path
+    with pytest.raises(DataError) as err:
+        data.load_splits(moved, cache_dir=cache, image_size=32)
+    for text in (_messages(caplog), str(err.value)):
+        assert "3 unreadable image file(s)" in text and "truncated" in text
+        for name in BAD_NAMES:
+            assert f"{moved / name}: cannot read image" in text
+        assert str(original) not in text  # PIL's reason names the file too: not the old one
 
 
 def test_class_emptied_by_skipping_is_an_error(image_folder, tmp_path):
@@ -199,7 +232,7 @@ def test_ignored_files_get_a_one_line_notice(image_folder, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kdjax.data"):
         ds = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
     assert ds["train"].num_examples == 2
-    (notice,) = [r.getMessage() for r in caplog.records if r.name == "kdjax.data"]
+    (notice,) = [r.getMessage() for r in caplog.records if r.name.startswith("kdjax.data")]
     assert "1 .gif" in notice and "\n" not in notice
 
 

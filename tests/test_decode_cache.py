@@ -12,7 +12,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 from conftest import REPO, write_image
-from kdjax import data, decode_cache, transforms
+from kdjax import data
+from kdjax.data import decode_cache, transforms
 
 SPEC = {"train": {"ants": 3, "bees": 2}, "val": {"ants": 2, "bees": 2}}
 
@@ -89,6 +90,14 @@ def test_every_mode_becomes_torchvisions_rgb(image_folder, tmp_path, mode, ext):
     np.testing.assert_array_equal(ds["val"].eval.images[i], expected)
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process, as a user's script; it must succeed."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 def test_tensorflow_is_never_imported(image_folder, tmp_path):
     root = image_folder(SPEC)
     code = (
@@ -99,8 +108,38 @@ def test_tensorflow_is_never_imported(image_folder, tmp_path):
         "tf = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.'))\n"
         "print('TF', tf, ds['train'].num_examples)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code)
     assert "TF [] 5" in out.stdout
+
+
+def test_cold_load_prints_one_kdjax_line_and_nothing_from_tfds(image_folder, tmp_path):
+    """A fresh process (no logging configured, as a user's script): the cold load prints one
+    kdjax line and one progress bar on stderr, the warm load nothing; tfds prints nothing and
+    the program's logging and tfds' progress-bar switch are left as they were."""
+    root = image_folder(SPEC)
+    cache = tmp_path / "c"
+    code = (
+        "import logging, sys\n"
+        "from tensorflow_datasets.core.utils import tqdm_utils\n"
+        "from kdjax import data\n"
+        "for _ in range(2):\n"
+        f"    data.load_splits({str(root)!r}, cache_dir={str(cache)!r}, image_size=32)\n"
+        "    print('=== load done', file=sys.stderr, flush=True)\n"
+        "print('STATE', logging.root.handlers, tqdm_utils._active)\n"
+    )
+    out = _python(code)
+    assert out.stdout == "STATE [] True\n"
+    cold, warm, rest = out.stderr.split("=== load done\n")
+    assert warm == rest == ""
+    (line,) = [ln for ln in cold.splitlines() if "kdjax" in ln]
+    (key,) = os.listdir(cache)
+    assert line == (f"kdjax: decoding 9 images of {root} into {cache / key} "
+                    "(once; later runs read the cache)")
+    # everything else is frames of the one bar, drawn with carriage returns
+    frames = [f.strip() for f in cold.replace(line, "").replace("\r", "\n").splitlines()]
+    frames = [f for f in frames if f]
+    assert frames and all(f.startswith("decoding:") for f in frames), frames
+    assert "9/9" in frames[-1]
+    for tfds_text in ("Downloading and preparing", "Shuffling", "downloaded and prepared",
+                      "Generating", "absl", "Variant folder"):
+        assert tfds_text not in out.stderr

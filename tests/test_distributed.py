@@ -1,36 +1,38 @@
 """kdjax.distributed: settings checks, global arrays, and real multi-process runs on this CPU.
 
-The end-to-end part starts separate processes (tests/dist_child.py) on JAX's distributed
+The end-to-end part starts separate processes (tests/child.py) on JAX's distributed
 runtime with gloo CPU collectives: two processes of 2 simulated devices each against one process
 of 4, the same seed, one SIGKILL, one restart on the other process count.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import pathlib
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from kdjax import distributed, sharding
+from conftest import REPO, assert_same_history, child_command, child_env, make_image_folder, read_history, varied_size
+from kdjax import data, distributed, sharding
 
-CHILD = pathlib.Path(__file__).with_name("dist_child.py")
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # 3 steps of 4 per epoch, and a padded last validation batch
 SPEC = {"train": {"ants": 6, "bees": 6}, "val": {"ants": 5, "bees": 5}}
 # Seconds without heartbeats before JAX declares a process dead: bounds how long the survivor of
 # a dead peer lives on. With 10 s a live but CPU-starved process was once declared dead on this
 # loaded 2-core machine.
 HEARTBEAT = 20
-EXACT = ("acc", "teacher_acc", "agreement")  # counts over the examples: must match exactly
+# Counts (accuracies, agreement) match exactly; losses and logit statistics to 5e-5 relative. Not
+# bit-exact: the cross-process all-reduces (BatchNorm batch statistics, gradients) run in gloo,
+# which adds the per-device partial sums in another order than XLA's in-process all-reduce, and
+# float32 rounding then differs in the last bits and grows through BatchNorm and SGD (measured: at
+# most 6.9e-6 relative over 3 epochs, the logit MSE). A real fault (a shard fed twice,
+# per-process BatchNorm statistics, another view of an example) changes which numbers are
+# summed, not only their order.
+RTOL = 5e-5
 
 
 # ----------------------------------------------------------------------------- settings
@@ -111,7 +113,7 @@ def _free_port() -> int:
 
 
 class Launcher:
-    """Starts dist_child processes, logs each to a file, and kills whatever is left at teardown."""
+    """Starts tests/child.py processes, logs each to a file, and kills whatever is left at teardown."""
 
     def __init__(self, folder: pathlib.Path, cache: pathlib.Path, logs: pathlib.Path):
         self.folder, self.cache, self.logs = folder, cache, logs
@@ -120,21 +122,18 @@ class Launcher:
     def start(self, name: str, workdir, processes: int, devices: int,
               kill: tuple[int, int] | None = None) -> list[subprocess.Popen]:
         """``kill=(process, epoch)``: that process SIGKILLs itself during that epoch."""
-        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax-tests"),
-               "JAX_PLATFORMS": "cpu"}
-        env.pop("XLA_FLAGS", None)  # the child sets its own device count
         address = f"127.0.0.1:{_free_port()}"
         started = []
         for pid in range(processes):
-            cmd = [sys.executable, str(CHILD), str(workdir), str(self.folder), str(self.cache),
-                   "--devices", str(devices), "--heartbeat_timeout", str(HEARTBEAT)]
+            cmd = child_command(workdir, self.folder, self.cache, "--devices", devices,
+                                "--heartbeat_timeout", HEARTBEAT)
             if kill is not None and kill[0] == pid:
                 cmd += ["--kill-during-epoch", str(kill[1])]
             if processes > 1:
                 cmd += ["--coordinator_address", address, "--num_processes", str(processes),
                         "--process_id", str(pid)]
             log = open(self.logs / f"{name}.{pid}.log", "w")
-            started.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+            started.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO))
             log.close()
         self.procs += started
         return started
@@ -163,50 +162,12 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[float]:
     return [done[i] for i in range(len(procs))]
 
 
-def _history(workdir) -> list[dict]:
-    history = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())["history"]
-    for record in history:
-        record.pop("seconds")
-    return history
-
-
-def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
-    """Counts (accuracies, agreement) exactly; losses and logit statistics to 5e-5 relative.
-
-    Not bit-exact: the cross-process all-reduces (BatchNorm batch statistics, gradients) run in
-    gloo, which adds the per-device partial sums in another order than XLA's in-process
-    all-reduce, and float32 rounding then differs in the last bits and grows through BatchNorm
-    and SGD (measured: at most 6.9e-6 relative over 3 epochs, the logit MSE). A real fault (a
-    shard fed twice, per-process BatchNorm statistics, another view of an example) changes which
-    numbers are summed, not only their order."""
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
-    for g, w in zip(got, want):
-        assert g["lr"] == w["lr"]
-        for part in ("train", "val"):
-            assert g[part].keys() == w[part].keys()
-            for key, value in w[part].items():
-                if key in EXACT:
-                    assert g[part][key] == value, (g["epoch"], part, key)
-                else:
-                    assert math.isclose(g[part][key], value, rel_tol=5e-5, abs_tol=1e-6), (g["epoch"], part, key, g[part][key], value)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process x 4 devices straight through; 2 processes x 2 devices with process 1 killed
     during epoch 3; the same directory resumed by 1 process x 4 devices."""
-    from conftest import write_image
-
-    from kdjax import data
-
     root = tmp_path_factory.mktemp("dist")
-    folder = root / "images"
-    seed = 0
-    for split, classes in SPEC.items():
-        for cls, n in classes.items():
-            for i in range(n):
-                seed += 1
-                write_image(folder / split / cls / f"{i}.jpg", (40 + seed % 7, 30 + seed % 5), seed)
+    folder = make_image_folder(root / "images", SPEC, size=varied_size)
     data.load_splits(folder, image_size=32, cache_dir=root / "cache")  # decode once, here
     launcher = Launcher(folder, root / "cache", root)
     try:
@@ -221,10 +182,10 @@ def runs(tmp_path_factory):
         launcher.kill_all()
     print(f"survivor: status {survivor.returncode}, {times[1] - times[0]:.1f} s after its peer died")
     return {
-        "straight": (straight[0].returncode, _history(root / "straight")),
+        "straight": (straight[0].returncode, read_history(root / "straight")),
         "victim": victim.returncode,
         "survivor": (survivor.returncode, times[1] - times[0], launcher.log("killed", 0)),
-        "resumed": (resumed[0].returncode, launcher.log("resumed", 0), _history(root / "shared")),
+        "resumed": (resumed[0].returncode, launcher.log("resumed", 0), read_history(root / "shared")),
         "train_log": (root / "shared" / "train.log").read_text(),
     }
 
@@ -233,7 +194,7 @@ def test_two_processes_compute_the_metrics_of_one(runs):
     code, straight = runs["straight"]
     assert code == 0 and [r["epoch"] for r in straight] == [1, 2, 3]
     # the 2-process run's epochs 1-2 are in the resumed history, untouched by the restart
-    _assert_same_metrics(runs["resumed"][2][:2], straight[:2])
+    assert_same_history(runs["resumed"][2][:2], straight[:2], RTOL)
 
 
 def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_one_clear_line(runs):
@@ -245,7 +206,7 @@ def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_one_clear_line(runs
     # kdjax.distributed.exit_with printed its line; or it was blocked in a collective that
     # never returns (gloo has no timeout: a device thread waits for a local rank that gave
     # up) and JAX's heartbeat check ended it (a C++ fatal error: this line, then a stack trace).
-    ours = [line for line in log.splitlines() if line.startswith("dist_child: error: process 0 of 2:")]
+    ours = [line for line in log.splitlines() if line.startswith("child: error: process 0 of 2:")]
     jaxs = [line for line in log.splitlines() if "Terminating process because the JAX distributed service "
             "detected fatal errors. This most likely indicates that another task died" in line]
     assert (len(ours) == 1 and "another process died" in ours[0]) or len(jaxs) == 1, log[-3000:]
@@ -255,7 +216,7 @@ def test_restart_on_another_process_count_resumes_with_the_same_metrics(runs):
     code, log, history = runs["resumed"]
     assert code == 0, log[-3000:]
     assert "resuming" in log and "after epoch 2/3" in log
-    _assert_same_metrics(history, runs["straight"][1])
+    assert_same_history(history, runs["straight"][1], RTOL)
 
 
 def test_only_process_0_writes_the_run_files(runs):

@@ -7,8 +7,9 @@ import zipfile
 
 import pytest
 
-from kdjax import data, fetch, hymenoptera
-from kdjax.image_folder import tree_digest
+from kdjax import data, fetch
+from kdjax.data import hymenoptera
+from kdjax.data.folder import tree_digest
 
 
 def _zip_tree(src, dest, extra: dict[str, bytes] | None = None):

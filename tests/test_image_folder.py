@@ -9,8 +9,8 @@ import pytest
 import torchvision
 
 from conftest import write_image
-from kdjax import hymenoptera
-from kdjax.image_folder import DataError, ignored_notice, scan_image_folder, tree_digest
+from kdjax.data import hymenoptera
+from kdjax.data.folder import DataError, ignored_notice, scan_image_folder, tree_digest
 
 
 def test_real_set_counts_classes_and_order_match_torchvision(hymenoptera_dir):

@@ -138,7 +138,7 @@ def test_padded_batch_equals_unpadded(kind):
     mask = np.concatenate([np.ones(len(y)), np.zeros(pad)]).astype(np.float32)
 
     def value_and_grad(s_, t_, y_, m):
-        f = lambda s__: distillation_loss(s__, t_, y_, 0.3, 2.0, kind, mask=m)
+        f = lambda s__: distillation_loss(s__, t_, y_, 0.3, 2.0, kind, mask=m)  # noqa: E731
         return jax.value_and_grad(f, has_aux=True)(jnp.asarray(s_, jnp.float32))
 
     (loss, terms), grad = value_and_grad(s, t, y, None)

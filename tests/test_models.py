@@ -8,12 +8,17 @@ real mistake (a wrong padding, stride, the biased running variance) moves them b
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import models, weights
+from kdjax import losses, models, weights
+from kdjax.models import kernels
+from kdjax.models.resnet import BatchNorm
 from torch_reference import images, numpy_state_dict, torch_forward, torch_resnet
 
 TOL = 1e-4
@@ -144,7 +149,7 @@ def test_cpu_batch_norm_and_its_gradient_match_torch_with_a_mask():
     weights = mask / (3 * 7 * 5)
 
     def f(x, s, b):
-        return models.batch_norm_train(x, s, b, weights)[0]
+        return kernels.batch_norm_train(x, s, b, weights)[0]
 
     y, vjp = jax.vjp(jax.jit(f), jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     dx, ds, db = vjp(jnp.asarray(g))
@@ -155,7 +160,7 @@ def test_cpu_batch_norm_and_its_gradient_match_torch_with_a_mask():
 
 
 def test_cpu_batch_norm_vjp_equals_autodiff_of_the_reductions():
-    """The hand-written gradient of the dot path (kdjax.models._batch_norm_by_dot_bwd) against
+    """The hand-written gradient of the dot path (kdjax.models.kernels._batch_norm_by_dot_bwd) against
     jax's autodiff of the plain reductions, cotangents on y, mean and var alike."""
     rng = np.random.default_rng(1)
     x = jnp.asarray((rng.standard_normal((4, 5, 3, 8)) * 2 + 1).astype(np.float32))
@@ -166,7 +171,7 @@ def test_cpu_batch_norm_vjp_equals_autodiff_of_the_reductions():
            jnp.asarray(rng.standard_normal(8).astype(np.float32)),
            jnp.asarray(rng.standard_normal(8).astype(np.float32)))
     results = []
-    for impl in (models._batch_norm_by_dot, models._batch_norm_by_reduce):
+    for impl in (kernels._batch_norm_by_dot, kernels._batch_norm_by_reduce):
         out, vjp = jax.vjp(lambda x, s, b: impl(x, s, b, weights, 1e-5, jnp.float32), x, scale, bias)
         results.append((*out, *vjp(cts)))
     for ours, autodiff in zip(*results):
@@ -177,7 +182,7 @@ def test_cpu_batch_norm_statistics_compile_without_reductions():
     """The speed of train-mode BatchNorm on CPU rests on XLA seeing dots, not reduce ops (its
     slow column reductions); this fails if the CPU branch is no longer the one compiled."""
     x = jnp.ones((8, 6, 6, 16))
-    hlo = jax.jit(lambda x: models.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), jnp.full(8, 1 / 288))
+    hlo = jax.jit(lambda x: kernels.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), jnp.full(8, 1 / 288))
                   ).lower(x).compile().as_text()
     assert " reduce(" not in hlo and "dot(" in hlo
 
@@ -193,10 +198,175 @@ def test_cpu_max_pool_and_its_gradient_equal_torch_with_ties():
     x = rng.standard_normal((2, 11, 9, 3)).astype(np.float32)
     x[0, :4, :4] = 0.0
     g = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
-    y, vjp = jax.vjp(jax.jit(models.max_pool), jnp.asarray(x))
+    y, vjp = jax.vjp(jax.jit(kernels.max_pool), jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(g))
     xt = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
     yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
     yt.backward(torch.tensor(np.moveaxis(g, -1, 1)))
     np.testing.assert_array_equal(np.asarray(y), np.moveaxis(yt.detach().numpy(), 1, -1))
     np.testing.assert_allclose(np.asarray(dx), np.moveaxis(xt.grad.numpy(), 1, -1), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- one value per channel
+# A last batch with one real example reaches layer4 at 32 px as one value per channel (a 1x1
+# map), where torch raises. kdjax.models.resnet.BatchNorm defines that case (its docstring says
+# how); these tests hold both implementations of the kernels to it.
+
+
+@pytest.fixture(params=["cpu", "default"])
+def kernel_branch(request, monkeypatch):
+    """Run the kernels' ``cpu`` branch (this machine's) or their ``default`` one (accelerators')."""
+    if request.param == "default":
+        monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **_: default(*args))
+    return request.param
+
+
+def _bn_variables(channels: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    scale, bias = rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels)
+    mean, var = 0.1 * rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                        {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": mean, "var": var}})
+
+
+def _bn_train(variables, x, mask, g, bn: nn.Module | None = None):
+    """Train-mode ``bn`` (``BatchNorm``): ``(y, new batch_stats, d<y, g>/dparams, d<y, g>/dx)``."""
+    bn = bn or BatchNorm(use_running_average=False)
+
+    def f(params, x):
+        y, updates = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mask,
+                              mutable=["batch_stats"])
+        return jnp.sum(y * g), (y, updates["batch_stats"])
+
+    (_, (y, stats)), (d_params, dx) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(
+        variables["params"], x)
+    return np.asarray(y), jax.tree.map(np.asarray, stats), jax.tree.map(np.asarray, d_params), np.asarray(dx)
+
+
+def test_batch_norm_with_one_value_per_channel_is_finite_and_keeps_the_running_variance(kernel_branch):
+    """One real example on a 1x1 map: its output is ``bias`` (its batch statistics, as torch's
+    formula), the padded rows are scaled with the running variance (not by 1/sqrt(eps)), the
+    running mean takes the one value, the running variance stays, every gradient is finite."""
+    channels = 8
+    variables = _bn_variables(channels)
+    params, stats = variables["params"], variables["batch_stats"]
+    rng = np.random.default_rng(3)
+    x = (100 * rng.standard_normal((6, 1, 1, channels))).astype(np.float32)  # garbage padding
+    x[0] = 3 * rng.standard_normal((1, 1, channels)) + 2
+    mask = jnp.asarray([1, 0, 0, 0, 0, 0], jnp.float32)
+    g = np.zeros(x.shape, np.float32)
+    g[0] = rng.standard_normal((1, 1, channels))  # the loss masks the padded rows
+    y, new_stats, d_params, dx = _bn_train(variables, jnp.asarray(x), mask, jnp.asarray(g))
+
+    np.testing.assert_array_equal(y[0, 0, 0], params["bias"])
+    rstd = 1 / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
+    padded = (x[1:] - x[0]) * rstd * params["scale"] + params["bias"]
+    np.testing.assert_allclose(y[1:], padded, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_stats["mean"], 0.9 * stats["mean"] + 0.1 * x[0, 0, 0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(new_stats["var"], stats["var"])
+    # y[0] = bias whatever x[0]: no gradient to x or scale; bias gets g[0]
+    for grad in (dx, d_params["scale"], d_params["bias"]):
+        assert np.all(np.isfinite(grad))
+    assert np.max(np.abs(dx)) <= 1e-6 and np.max(np.abs(d_params["scale"])) <= 1e-6
+    np.testing.assert_allclose(d_params["bias"], g[0, 0, 0], rtol=1e-6)
+
+
+def test_batch_norm_without_a_real_example_keeps_its_running_statistics(kernel_branch):
+    variables = _bn_variables(4, seed=1)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 1, 1, 4)).astype(np.float32))
+    y, new_stats, _, dx = _bn_train(variables, x, jnp.zeros(4), jnp.zeros(x.shape))
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(new_stats[name], variables["batch_stats"][name])
+
+
+class _BatchNormBefore(nn.Module):
+    """``BatchNorm`` as it was before the single-value case was defined: the kernel without a
+    fallback variance, both running statistics always updated (torch's rule)."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        scale = self.param("scale", nn.initializers.ones, x.shape[-1:])
+        bias = self.param("bias", nn.initializers.zeros, x.shape[-1:])
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, x.shape[-1:])
+        ra_var = self.variable("batch_stats", "var", jnp.ones, x.shape[-1:])
+        count = jnp.maximum(jnp.sum(mask) * x.shape[1] * x.shape[2], 1.0)
+        y, mean, var = kernels.batch_norm_train(x, scale, bias, mask / count)
+        unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+        ra_mean.value = 0.9 * ra_mean.value + (1.0 - 0.9) * mean
+        ra_var.value = 0.9 * ra_var.value + (1.0 - 0.9) * unbiased
+        return y
+
+
+def test_batch_norm_with_two_values_per_channel_or_more_is_unchanged_bit_for_bit(kernel_branch):
+    """The single-value case changes nothing else, down to two values per channel: outputs,
+    gradients and running statistics equal the rule before it bit for bit (that rule is
+    torch's, which the parity tests above check). Should an XLA update fuse the two programs
+    differently, float32 rounding could differ by an ulp: then compare to 1e-6 instead."""
+    variables = _bn_variables(5, seed=2)
+    rng = np.random.default_rng(5)
+    for shape, mask in [((6, 1, 1, 5), [1, 1, 0, 0, 0, 0]), ((4, 2, 1, 5), [0, 1, 0, 0]),
+                        ((3, 3, 2, 5), [1, 1, 1])]:
+        x = jnp.asarray((2 * rng.standard_normal(shape) + 1).astype(np.float32))
+        mask = jnp.asarray(mask, jnp.float32)
+        g = jnp.asarray(rng.standard_normal(shape).astype(np.float32)) * mask[:, None, None, None]
+        got = _bn_train(variables, x, mask, g)
+        want = _bn_train(variables, x, mask, g, _BatchNormBefore())
+        for ours, before in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(ours, before)
+
+
+def test_cpu_batch_norm_vjp_equals_autodiff_with_one_value_per_channel():
+    """The dot path's hand-written gradient where the fallback variance scales ``y`` (its
+    derivation drops a term there, see kernels._batch_norm_by_dot_bwd) against autodiff of the
+    reductions; cotangents on every row, padded ones included, and on mean and var."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray((rng.standard_normal((5, 1, 1, 8)) * 2 + 1).astype(np.float32))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    bias = jnp.asarray(rng.standard_normal(8).astype(np.float32))
+    fallback_var = jnp.asarray(rng.uniform(0.5, 2.0, 8).astype(np.float32))
+    weights = jnp.asarray([0, 0, 1, 0, 0], jnp.float32)
+    cts = (jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)),
+           jnp.asarray(rng.standard_normal(8).astype(np.float32)),
+           jnp.asarray(rng.standard_normal(8).astype(np.float32)))
+    results = []
+    for impl in (kernels._batch_norm_by_dot, kernels._batch_norm_by_reduce):
+        f = functools.partial(impl, weights=weights, epsilon=1e-5, dtype=jnp.float32,
+                              fallback_var=fallback_var)
+        out, vjp = jax.vjp(f, x, scale, bias)
+        results.append((*out, *vjp(cts)))
+    for ours, autodiff in zip(*results):
+        assert np.all(np.isfinite(ours))
+        assert np.max(np.abs(ours - autodiff)) <= 1e-5 * (1 + np.max(np.abs(autodiff)))
+
+
+def test_resnet18_trains_on_a_32px_batch_with_one_real_example(kernel_branch):
+    """The last batch of 31 images in batches of 6: finite loss, gradients and running
+    statistics; layer4 (1x1 maps) keeps its running variances, the layers before update theirs;
+    padded rows stay at the scale of real logits (1/sqrt(eps) per layer4 BatchNorm took them to
+    ~1e9, and after a few training steps past float32's range: NaN); the real example's logits
+    are those of the unpadded batch of one."""
+    model = models.create_model("resnet18", 2)
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    x = jnp.asarray(images(6, 32, seed=4))
+    mask = jnp.asarray([1, 0, 0, 0, 0, 0], jnp.float32)
+    labels = jnp.asarray([1, 0, 0, 0, 0, 0])
+
+    def loss(params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                      train=True, mask=mask, mutable=["batch_stats"])
+        return losses.cross_entropy(logits, labels, mask), (logits, updates["batch_stats"])
+
+    (value, (logits, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+    assert np.any(np.asarray(grads["fc"]["bias"]) != 0)
+    before, after = flax_running_stats(variables["batch_stats"]), flax_running_stats(stats)
+    assert all(np.all(np.isfinite(v)) for v in after.values())
+    for key in after:
+        if key.endswith("running_var"):
+            unchanged = np.array_equal(after[key], before[key])
+            assert unchanged == key.startswith("layer4"), key
+    assert np.max(np.abs(np.asarray(logits))) < 1e3
+    alone = model.apply(variables, x[:1], train=True, mutable=["batch_stats"])[0]
+    assert np.max(np.abs(np.asarray(alone)[0] - np.asarray(logits)[0])) <= TOL

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import make_image_folder, read_history
 from experiments import paper
 from kdjax import checkpoint, models
 from kdjax.predict import predict_files
@@ -20,16 +21,10 @@ COMMON = ["--num_epochs", "2", "--batch_size", "4", "--image_size", "32", "--ini
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from conftest import write_image
-
     base = tmp_path_factory.mktemp("paper")
-    images = base / "images"
-    seed = 0
-    for split, n in [("train", 8), ("val", 5)]:
-        for cls in ("ants", "bees"):
-            for i in range(n):
-                seed += 1
-                write_image(images / split / cls / f"{cls} {i}.jpg", (36 + seed % 9, 30 + seed % 4), seed)
+    # file names with a space, as in the real set
+    images = make_image_folder(base / "images", {"train": {"ants": 8, "bees": 8}, "val": {"ants": 5, "bees": 5}},
+                               size=lambda seed: (36 + seed % 9, 30 + seed % 4), name="{cls} {i}.jpg")
     teacher = models.create_model("resnet50", 2)
     checkpoint.save_model(base / "teacher", models.init_variables(teacher, jax.random.key(7), 32),
                           arch="resnet50", class_names=["ants", "bees"], provenance={"test": True}, image_size=32)
@@ -53,8 +48,7 @@ def test_paper_writes_tables_plots_runs_and_a_usable_student(study, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert "epoch_loss_l" in printed and "final val acc" in printed
     histories = {
-        float(a): [json.loads((out / f"alpha_{a}" / f"run_{r}" / "metrics.json").read_text())["history"]
-                   for r in range(2)]
+        float(a): [read_history(out / f"alpha_{a}" / f"run_{r}") for r in range(2)]
         for a in ALPHAS
     }
     # the seed's table: mean and sample std pooled over all epochs of all runs, from the JSON

@@ -6,40 +6,23 @@ ResNet the teacher is; test_train_step covers ResNet-50) and 2-3 epochs on a gen
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import as_teacher, child_command, child_env, make_image_folder, read_history, read_metrics, varied_size
 from kdjax import checkpoint, data, models, train
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.predict import predict_files
 
-CHILD = pathlib.Path(__file__).with_name("train_child.py")
 SPEC = {"train": {"ants": 10, "bees": 10}, "val": {"ants": 6, "bees": 6}}
-
-
-def _sizes(seed: int):
-    return 40 + seed % 7, 30 + seed % 5
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from conftest import write_image
-
-    root = tmp_path_factory.mktemp("train") / "images"
-    seed = 0
-    for split, classes in SPEC.items():
-        for cls, n in classes.items():
-            for i in range(n):
-                seed += 1
-                write_image(root / split / cls / f"{i}.jpg", _sizes(seed), seed)
-    return root
+    return make_image_folder(tmp_path_factory.mktemp("train") / "images", SPEC, size=varied_size)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +32,7 @@ def dataset(folder, tmp_path_factory):
 
 def _teacher(seed: int = 1) -> train.Teacher:
     model = models.create_model("resnet18", 2)
-    variables = models.init_variables(model, jax.random.key(seed), 32)
-    return train.Teacher(model, variables, checkpoint.fingerprint(variables))
+    return as_teacher("resnet18", model, models.init_variables(model, jax.random.key(seed), 32))
 
 
 def _student():
@@ -85,7 +67,7 @@ def test_run_writes_metrics_checkpoints_and_best_model(finished_run, dataset, fo
     # accuracy is a count over the 12 val images: a multiple of 1/12
     assert abs(val["acc"] * 12 - round(val["acc"] * 12)) < 1e-6
     assert result.history[0]["lr"] == pytest.approx(0.05) and result.history[1]["lr"] == pytest.approx(0.025)
-    saved = json.loads((workdir / "metrics.json").read_text())
+    saved = read_metrics(workdir)
     assert saved["history"] == result.history
     assert saved["best_val_acc"] == max(r["val"]["acc"] for r in result.history)
     meta = checkpoint.read_meta(workdir / "best")
@@ -121,24 +103,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path)
     config = _config(optim=OptimConfig(lr=0.05, step_size=1, gamma=1e30), num_epochs=3)
     with pytest.raises(train.NonFiniteLossError, match=r"epoch 2 step \d+/5"):
         train.train_and_evaluate(config, tmp_path, dataset, _student(), teacher=_teacher())
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["epoch"] for r in saved["history"]] == [1]
+    assert [r["epoch"] for r in read_history(tmp_path)] == [1]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [0]
 
 
 def _child(workdir, folder, cache, *extra, check=True):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(__file__).parents[1] / ".cache" / "jax-tests")}
-    return subprocess.run(
-        [sys.executable, str(CHILD), str(workdir), str(folder), str(cache), *extra],
-        capture_output=True, text=True, env=env, check=check, timeout=900,
-    )
-
-
-def _history(workdir):
-    history = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())["history"]
-    for record in history:
-        record.pop("seconds")
-    return history
+    """tests/child.py fine-tuning everything, so that the resume must restore all of the state."""
+    return subprocess.run(child_command(workdir, folder, cache, "--student_train", "all", *extra),
+                          capture_output=True, text=True, env=child_env(), check=check, timeout=900)
 
 
 def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path):
@@ -147,10 +119,10 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_pat
     killed = _child(tmp_path / "killed", folder, cache, "--kill-during-epoch", "2", check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # it died during epoch 2: only epoch 1 is on disk
-    assert [r["epoch"] for r in _history(tmp_path / "killed")] == [1]
+    assert [r["epoch"] for r in read_history(tmp_path / "killed")] == [1]
     resumed = _child(tmp_path / "killed", folder, cache)
     assert "resuming" in resumed.stderr
-    assert _history(tmp_path / "killed") == _history(tmp_path / "straight")
+    assert read_history(tmp_path / "killed") == read_history(tmp_path / "straight")
 
 
 def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(dataset):
@@ -161,7 +133,7 @@ def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(datase
     assert spec.student.dtype == jnp.bfloat16 and spec.teacher.dtype == jnp.bfloat16
     spec32 = train.step_spec_for(_config(), dataset, "resnet18", teacher)
     assert spec32.teacher.dtype == jnp.float32
-    state = train.create_train_state(_student(), spec.tx, "fc")
+    state = train.create_train_state(_student(), spec)
     batch = data.train_batch(dataset["train"].train, np.arange(4), np.ones(4, bool), 0, 0, 32)
     hparams = train.hparams_for(_config())
     new16, m16 = train.train_step(state, teacher.variables, batch, hparams, spec)

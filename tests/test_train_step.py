@@ -83,7 +83,8 @@ STEP = jax.jit(_counted_train_step, static_argnames="spec")
 def config(mode: str, alpha: float = ALPHA, temperature: float = 4.0, loss: str = "mse") -> TrainConfig:
     return TrainConfig(
         optim=OptimConfig(lr=LR, momentum=MOMENTUM, step_size=100, gamma=0.1),
-        distill=DistillConfig(alpha=alpha, loss=loss, temperature=temperature, student_train=mode),
+        distill=DistillConfig(alpha=alpha, loss=loss, student_train=mode,
+                              hparams={"temperature": temperature} if loss == "kl" else {}),
         batch_size=BATCH,
         image_size=IMAGE,
     )
@@ -91,6 +92,7 @@ def config(mode: str, alpha: float = ALPHA, temperature: float = 4.0, loss: str 
 
 def spec_for(mode: str, loss: str = "mse") -> train.StepSpec:
     return train.StepSpec(
+        student_arch="resnet18",
         student=models.create_model("resnet18", 2),
         teacher=models.create_model("resnet50", 2),
         optim=config(mode).optim,
@@ -182,7 +184,7 @@ def jax_steps(mode: str, steps: list[data.Batch]):
     the flattened variables after each step, the host metrics and the final state."""
     spec = spec_for(mode)
     t_vars, s_vars = flax_variables()
-    state = train.create_train_state(s_vars, spec.tx, mode)
+    state = train.create_train_state(s_vars, spec)
     hparams = train.hparams_for(config(mode))
     after, metrics = [], []
     for b in steps:
@@ -286,7 +288,7 @@ def test_alpha_and_temperature_sweep_compiles_once(loss):
     """alpha and temperature are traced: a whole sweep reuses one trace and one executable,
     even with a StepSpec rebuilt per run (it is compared by value)."""
     t_vars, s_vars = flax_variables()
-    state0 = train.create_train_state(s_vars, spec_for("fc", loss).tx, "fc")
+    state0 = train.create_train_state(s_vars, spec_for("fc", loss))
     batch = batches()[0]
     sweep = [(0.0, 1.0), (0.5, 2.0), (1.0, 0.5)]
     results = []
@@ -328,7 +330,7 @@ def sharded_run(num_devices: int, mode: str = "fc"):
     )
     t_host, s_host = flax_variables()
     teacher = jax.device_put(t_host, repl)
-    state = jax.device_put(train.create_train_state(s_host, spec.tx, mode), repl)
+    state = jax.device_put(train.create_train_state(s_host, spec), repl)
     hparams = jax.device_put(train.hparams_for(config(mode)), repl)
     losses, after = [], []
     for b in batches():

@@ -1,4 +1,4 @@
-"""kdjax.torchfile and kdjax.weights: safe reading of torch.save files, strict name mapping, CLI.
+"""kdjax.models.torchfile and kdjax.weights: safe reading of torch.save files, strict name mapping, CLI.
 
 torch and torchvision are used here only to write reference files and numbers; kdjax itself
 never imports them. The exhaustive logits parity (both archs, eval and train mode) lives in
@@ -24,7 +24,7 @@ import torchvision
 
 from kdjax import checkpoint, models, weights
 from kdjax.fetch import DownloadError, download
-from kdjax.torchfile import TorchFileError, UnsafePickleError, load_state_dict
+from kdjax.models.torchfile import TorchFileError, UnsafePickleError, load_state_dict
 from torch_reference import images, numpy_state_dict, torch_forward, torch_resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import shutil
 import zipfile
 
 from kdjax import fetch
-from kdjax.image_folder import tree_digest
+from kdjax.data.folder import tree_digest
 
 URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 FOLDER = "hymenoptera_data"

@@ -1,7 +1,7 @@
 """The input pipeline: decoded splits held on the device, fixed-shape padded and masked batches.
 
 ``load_splits`` scans an ImageFolder tree (or downloads hymenoptera), opens its decode cache
-(``kdjax.decode_cache``) and returns host arrays ready to be placed once on the device(s):
+(``kdjax.data.decode_cache``) and returns host arrays ready to be placed once on the device(s):
 
 - splits named in ``augment_splits`` (default train) carry ``TrainArrays``: every cached image
   in the top-left corner of one zero-padded canvas ``[N, H, W, 3]`` uint8 with its true size;
@@ -10,7 +10,7 @@
 Per epoch, ``epoch_order`` gives ``[num_batches, batch_size]`` dataset indices and a mask: the
 last partial batch is padded, so shapes never change and every example counts exactly once.
 ``train_batch`` and ``eval_batch`` are pure and jit-able (also inside ``lax.scan``); the view of
-an example depends only on (seed, epoch, example index), see ``kdjax.augment``.
+an example depends only on (seed, epoch, example index), see ``kdjax.data.augment``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax import augment, decode_cache, hymenoptera
-from kdjax.image_folder import (
+from kdjax.data import augment, decode_cache, hymenoptera
+from kdjax.data.folder import (
     DEFAULT_SPLITS,
     IMG_EXTENSIONS,
     DataError,

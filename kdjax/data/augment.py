@@ -3,7 +3,7 @@ ToTensor + Normalize.
 
 The crop box is drawn with torchvision's rule (``RandomResizedCrop.get_params``) in the pixel
 coordinates of the ORIGINAL image, then mapped onto the cached (possibly shrunk) image the
-device holds; see ``kdjax.decode_cache`` for what the cap costs. Resampling reproduces PIL's
+device holds; see ``kdjax.data.decode_cache`` for what the cap costs. Resampling reproduces PIL's
 bilinear resize of the cropped image (what torchvision runs): a triangle filter widened by the
 downscale factor (antialiasing), weights renormalised inside the crop, a horizontal pass rounded
 to uint8, then a vertical pass rounded to uint8 (Pillow <= 12's order; Pillow 13 runs the
@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kdjax.transforms import IMAGENET_MEAN, IMAGENET_STD
+from kdjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Pixel sums of up to 255 x weights must stay exact enough to round like PIL: no TF32/bf16.
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -6,7 +6,7 @@ with tfds' data-source API, which needs neither TensorFlow nor ``tf.data`` (tfds
 
 - ``image``: the full decode (``transforms.load_rgb``), shrunk with PIL bilinear (antialiased)
   so that its longer side is at most ``max_side``; the training crops are cut from it on the
-  device, in the coordinates of the original image (``kdjax.augment``); splits that are not
+  device, in the coordinates of the original image (``kdjax.data.augment``); splits that are not
   augmented (``CacheSpec.augment_splits``, default all but train) store a 1x1 placeholder;
 - ``eval_image``: torchvision's exact evaluation view (Resize + CenterCrop) at ``image_size``,
   computed from the ORIGINAL full-resolution decode;
@@ -24,8 +24,15 @@ pixels; every image no larger than the cap is stored losslessly at full resoluti
 The cache lives in ``<cache_dir>/<key>/`` where the key digests the source tree's content
 (``tree_digest``: relative paths and file bytes), the split and extension lists, the sizes and
 ``FORMAT_VERSION``: a second run with the same inputs decodes nothing, any change to a file
-prepares a new cache. Unreadable images are recorded in the cache's metadata, so the error (or,
-with ``skip_bad_images``, the warning) is the same on a warm run as on a cold one.
+prepares a new cache. Unreadable images are recorded in the cache's metadata by their path
+relative to the tree, so the error (or, with ``skip_bad_images``, the warning) is the same on a
+warm run as on a cold one and names the files under the folder being loaded now: the key is the
+tree's content, not its place, so a copied or moved tree reuses the cache of the original.
+
+Preparing a cold cache announces itself with one ``kdjax: decoding ...`` line and one progress
+bar over the images, both on stderr; tfds' own output (its "Downloading and preparing" banner,
+its nested progress bars, its absl log records) is silenced while the cache is opened, see
+``_quiet_tfds``.
 """
 
 from __future__ import annotations
@@ -35,20 +42,23 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core.utils import tqdm_utils
+from tqdm import tqdm
 
-from kdjax import transforms
-from kdjax.image_folder import FolderIndex, tree_digest
+from kdjax.data import transforms
+from kdjax.data.folder import FolderIndex, tree_digest
 
 # Bump when what is stored, or how it is computed, changes: it is part of every cache key.
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"  # 1.1.0: unreadable files recorded by relative path
 DEFAULT_MAX_SIDE = 512
 
 
@@ -112,6 +122,11 @@ def decode_example(path: os.PathLike | str, spec: CacheSpec, train_view: bool) -
     }
 
 
+# Stands for the image's path in a recorded read error: the message is stored without the
+# absolute path the cache was built from, and gets the path under the current tree on reading.
+_FILE = "<file>"
+
+
 class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
     """An ImageFolder tree, decoded: see the module docstring. Build it with ``prepare``."""
 
@@ -120,7 +135,18 @@ class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, index: FolderIndex, spec: CacheSpec, **kwargs):
         self._index = index
         self._spec = spec
+        # called with 1 per file decoded (or found unreadable); ``prepare`` sets its progress bar
+        self.progress: Callable[[int], object] = lambda n: None
         super().__init__(file_format="array_record", **kwargs)
+
+    # tfds prints these two banners ("Downloading and preparing dataset Unknown size ...",
+    # "Dataset ... downloaded and prepared to ...") with termcolor.cprint; nothing is downloaded
+    # here and ``prepare`` prints its own line, so this builder prints neither.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self._spec.image_size
@@ -153,20 +179,23 @@ class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         entries = self._index.files[split]
         train_view = split in self._spec.augment_splits
-        unreadable: list[str] = []
+        unreadable: list[dict] = []
 
         def decode(entry):
+            path = self._index.root / entry[0]
             try:
-                return decode_example(self._index.root / entry[0], self._spec, train_view)
+                return decode_example(path, self._spec, train_view)
             except transforms.ImageReadError as err:
-                return err
+                # "<path>: cannot read image (<reason>)", where PIL's reason may name the path too
+                return transforms.ImageReadError(str(err).replace(str(path), _FILE))
 
         # PIL releases the GIL while decoding and resizing, so threads use every core.
         workers = min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for i, ((rel, label), arrays) in enumerate(zip(entries, pool.map(decode, entries))):
+                self.progress(1)
                 if isinstance(arrays, Exception):
-                    unreadable.append(str(arrays))  # "<path>: cannot read image (<reason>)"
+                    unreadable.append({"file": rel, "message": str(arrays)})
                     continue
                 yield i, {**arrays, "label": label, "filename": rel, "index": i}
         self.info.metadata["unreadable"][split] = unreadable
@@ -178,8 +207,43 @@ class PreparedCache:
 
     path: pathlib.Path
     sources: Mapping[str, object]  # split -> tfds ArrayRecordDataSource (random access)
-    unreadable: Mapping[str, tuple[str, ...]]  # split -> "<path>: <reason>" per skipped file
+    # split -> "<path>: <reason>" per skipped file, <path> under the index passed to ``prepare``
+    unreadable: Mapping[str, tuple[str, ...]]
     decoded: bool  # True when this call decoded the images (a cold cache)
+
+
+def _not_tfds_chatter(record: logging.LogRecord) -> bool:
+    """A log filter: False for a record below ERROR that a tfds module logged."""
+    from_tfds = pathlib.Path(record.pathname).is_relative_to(pathlib.Path(tfds.__file__).parent)
+    return record.levelno >= logging.ERROR or not from_tfds
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Silence tfds' progress bars and its absl log records below ERROR, for this block only.
+
+    tfds announces its steps through ``absl.logging`` (e.g. "Variant folder ... has no
+    dataset_info.json" on every cold cache) and draws nested tqdm bars ("Generating splits",
+    "Generating train examples", "Shuffling ..."); none of it says more than kdjax's own line.
+    Everything is put back on exit: the progress-bar switch as it was, the filter removed. absl
+    calls ``logging.basicConfig()`` (a stderr handler on the root logger, for good) when the
+    root logger has none; a ``NullHandler`` held there meanwhile keeps the program's logging
+    as it was. The switch and the filter are process-wide while the block runs.
+    """
+    bars_were_on = getattr(tqdm_utils, "_active", True)  # tfds has no public getter
+    absl_logger = logging.getLogger("absl")
+    placeholder = None if logging.root.handlers else logging.NullHandler()
+    tfds.disable_progress_bar()
+    absl_logger.addFilter(_not_tfds_chatter)
+    if placeholder is not None:
+        logging.root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        if placeholder is not None:
+            logging.root.removeHandler(placeholder)
+        absl_logger.removeFilter(_not_tfds_chatter)
+        tfds.display_progress_bar(bars_were_on)
 
 
 def prepare(
@@ -188,17 +252,39 @@ def prepare(
     cache_dir: os.PathLike | str,
     extensions: Sequence[str],
 ) -> PreparedCache:
-    """Open the cache for ``index`` under ``cache_dir``, decoding the images if it is cold."""
-    path = pathlib.Path(cache_dir).expanduser() / cache_key(index, spec, extensions)[:24]
-    builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
-    decoded = not builder.is_prepared()
-    if decoded:
-        # tfds announces its work with print(); keep stdout for the caller's results
-        with contextlib.redirect_stdout(sys.stderr):
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    compute_stats=tfds.download.ComputeStatsMode.SKIP
-                )
+    """Open the cache for ``index`` under ``cache_dir``, decoding the images if it is cold.
+
+    A cold cache prints one line saying what is decoded from where into where, then a progress
+    bar over the images, on stderr; a warm one prints nothing.
+    """
+    key = cache_key(index, spec, extensions)[:24]
+    path = pathlib.Path(cache_dir).expanduser().absolute() / key
+    with _quiet_tfds():
+        builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
+        decoded = not builder.is_prepared()
+        if decoded:
+            total = sum(len(entries) for entries in index.files.values())
+            print(
+                f"kdjax: decoding {total} images of {index.root} into {path} "
+                "(once; later runs read the cache)",
+                file=sys.stderr,
+                flush=True,
             )
-    unreadable = {s: tuple(v) for s, v in builder.info.metadata.get("unreadable", {}).items()}
-    return PreparedCache(path, builder.as_data_source(), unreadable, decoded)
+            with tqdm(
+                total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
+            ) as bar:
+                builder.progress = bar.update
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        compute_stats=tfds.download.ComputeStatsMode.SKIP
+                    )
+                )
+        sources = builder.as_data_source()
+    recorded = builder.info.metadata.get("unreadable", {})
+    unreadable = {
+        split: tuple(
+            bad["message"].replace(_FILE, str(index.root / bad["file"])) for bad in entries
+        )
+        for split, entries in recorded.items()
+    }
+    return PreparedCache(path, sources, unreadable, decoded)

@@ -3,7 +3,7 @@
 ``eval_view`` is ``Resize(resize_size)`` (shorter side, PIL bilinear, which antialiases) followed
 by ``CenterCrop(image_size)``, on a PIL image already converted to RGB the way torchvision's
 ``default_loader`` does. ``normalize`` is ``ToTensor`` + ``Normalize`` with ImageNet statistics,
-in NHWC. The training augmentation runs on the device and lives in ``kdjax.augment``.
+in NHWC. The training augmentation runs on the device and lives in ``kdjax.data.augment``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,31 @@
+"""The input pipeline: an ImageFolder index, its decode cache, torchvision's transforms, the
+on-device augmentation and fixed-shape masked batches.
+
+    folder        scan an ImageFolder tree (torchvision's rules), digest it
+    hymenoptera   the study's data set: checksummed download and extraction
+    decode_cache  decode once into a tfds array_record cache keyed by the tree's digest
+    transforms    torchvision's eval view (Resize + CenterCrop) on the host
+    augment       RandomResizedCrop + flip + Normalize on the device, counter-based keys
+    batches       load the splits, epoch orders, train and eval batches
+
+The names below are imported on first use, so ``kdjax.data.transforms`` (what prediction needs)
+does not pull in tfds.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Batch": "batches", "Dataset": "batches", "EvalArrays": "batches", "Split": "batches",
+    "TrainArrays": "batches", "epoch_order": "batches", "eval_batch": "batches",
+    "load_splits": "batches", "train_batch": "batches", "put_batch": "batches",
+    "put_epoch_order": "batches", "put_replicated": "batches",
+    "DataError": "folder",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"kdjax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'kdjax.data' has no attribute {name!r}")

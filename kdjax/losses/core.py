@@ -1,0 +1,39 @@
+"""The supervised term and the masked mean every loss uses.
+
+Every function takes logits ``[batch, classes]`` and an optional per-example ``mask`` ``[batch]``
+(1 = real example, 0 = padding). Means are over the real examples only, so a batch padded to a
+fixed shape gives exactly the loss of the unpadded batch; a batch with no real example gives 0,
+not NaN (each denominator's count is at least 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def as_float(x: jax.Array) -> jax.Array:
+    # Losses are computed in at least float32, even for bfloat16 logits, and stay float64 under
+    # x64 (the parity tests run there).
+    return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
+
+def masked_mean(per_example: jax.Array, mask: jax.Array | None, scale: int = 1) -> jax.Array:
+    """``sum_i m_i * v_i / (scale * sum_i m_i)``; plain ``mean(v) / scale`` without a mask."""
+    if mask is None:
+        return jnp.sum(per_example) / (scale * per_example.shape[0])
+    m = jnp.asarray(mask).astype(per_example.dtype)
+    # The where (not a product) keeps a non-finite value in a padded row out of the sum.
+    total = jnp.sum(jnp.where(m > 0, m * per_example, 0.0))
+    return total / (scale * jnp.maximum(jnp.sum(m), 1.0))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy with integer labels.
+
+    ``CE = mean_i [ -log_softmax(z_i)[y_i] ]``, the mean over real examples.
+    Reference: ``torch.nn.CrossEntropyLoss()(logits, labels)`` (reduction ``"mean"``).
+    """
+    logp = jax.nn.log_softmax(as_float(logits), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return masked_mean(nll, mask)

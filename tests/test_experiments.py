@@ -1,0 +1,73 @@
+"""experiments.teacher then experiments.paper, end to end, as a new user chains them: the teacher's
+run directory as --teacher_file, any registered pair (here reversed: a ResNet-18 teacher for a
+ResNet-50 student), a last batch of one example, and the run identity (--init) on re-runs.
+
+29 generated train images at batch 4 leave one example in the last batch of every epoch (at
+32 px layer4's maps are 1x1, so its BatchNorms see one value per channel there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import make_image_folder, varied_size
+from experiments import paper, teacher
+from kdjax import checkpoint
+
+SPEC = {"train": {"ants": 15, "bees": 14}, "val": {"ants": 3, "bees": 3}}
+COMMON = ["--image_size", "32", "--num_epochs", "1", "--batch_size", "4", "--init", "scratch",
+          "--lr", "0.001", "--no_plots"]
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("experiments")
+    images = make_image_folder(base / "images", SPEC, varied_size)
+    data_flags = ["--data_dir", str(images), "--cache_dir", str(base / "cache")]
+    status = teacher.main(["--arch", "resnet18", "--out", str(base / "teacher"), *data_flags,
+                           *[f for f in COMMON if f != "--no_plots"]])
+    return base, data_flags, status
+
+
+def test_teacher_trains_through_a_one_example_batch(chained):
+    base, _, status = chained
+    assert status == 0
+    history = json.loads((base / "teacher" / "metrics.json").read_text())["history"]
+    assert math.isfinite(history[0]["train"]["loss"]) and math.isfinite(history[0]["val"]["loss"])
+    log = (base / "teacher" / "train.log").read_text()
+    assert "29 training examples at batch size 4 leave one example in the last batch" in log
+    assert checkpoint.read_meta(base / "teacher" / "best").arch == "resnet18"
+
+
+def test_paper_takes_the_teacher_run_directory_and_a_reversed_pair(chained, capsys):
+    base, data_flags, _ = chained
+    out = base / "paper"
+    args = ["--alpha", "0.5", "--n_exp", "1", "--student_arch", "resnet50",
+            "--teacher_file", str(base / "teacher"), "--out", str(out), *data_flags, *COMMON]
+    assert paper.main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extra"]["teacher_arch"] == "resnet18" and summary["extra"]["student_arch"] == "resnet50"
+    assert checkpoint.read_meta(out / "alpha_0.5" / "run_0" / "best").arch == "resnet50"
+
+    # the same --out with other initial weights is another run: refused, not silently reused
+    student_dir = out / "alpha_0.5" / "run_0" / "best"
+    again = [a if a != "scratch" else str(student_dir) for a in args]
+    assert paper.main(again) == 2
+    err = capsys.readouterr().err
+    assert "different init (--init)" in err and "use another --out" in err
+
+
+def test_teacher_file_errors_name_what_to_pass(chained, capsys, tmp_path):
+    base, data_flags, _ = chained
+    (tmp_path / "empty").mkdir()
+    args = ["--n_exp", "1", "--out", str(tmp_path / "out"), *data_flags, *COMMON]
+    assert paper.main(["--teacher_file", str(tmp_path / "empty"), *args]) == 2
+    assert "nor a training run" in capsys.readouterr().err
+    assert paper.main(["--teacher_file", str(base / "teacher"), "--teacher_arch", "resnet50", *args]) == 2
+    assert "holds a resnet18, but --teacher_arch is resnet50" in capsys.readouterr().err
+    assert paper.main(["--teacher_file", str(base / "teacher"), "--loss", "mse", "--temperature", "2",
+                       *args]) == 2
+    assert "--loss mse takes no --temperature" in capsys.readouterr().err
