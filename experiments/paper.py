@@ -45,13 +45,15 @@ def main(argv=None) -> int:
     g.add_argument("--no_plots", action="store_true", help="skip the PNG figures")
     g.add_argument("--vectorize", choices=("auto", "on", "off"), default="auto",
                    help="train all runs together as one vmapped program (same metrics; one teacher "
-                        "pass per seed and step). auto: on for GPU/TPU, off on CPU, where XLA's "
-                        "batched convolutions are slower than running the runs one by one")
+                        "pass per seed and step). auto: on for GPU/TPU; on CPU, on where the runs "
+                        "share a frozen backbone (--student_train fc/fc_frozen_bn with a logit loss: "
+                        "the 12-run study's epoch took 30 s together against 73 s one by one at "
+                        "112 px on 2 cores, benchmarks/README.md), else off")
     args = cli.parse(parser, argv, gamma=0.1)
 
     import pathlib
 
-    from kdjax import protocol, report
+    from kdjax import protocol, report, train
     from kdjax.config import DistillConfig
 
     try:
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             teacher_path = out / "teacher" / "best"
         teacher = protocol.load_teacher(teacher_path, dataset, args.teacher_arch)
-        vectorize = args.vectorize == "on" or (args.vectorize == "auto" and cli.accelerated())
+        vectorize = args.vectorize == "on" or (args.vectorize == "auto" and (
+            cli.accelerated() or train.can_share_backbone(args.student_train, args.loss)))
         summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots,
                                      vectorize=vectorize, scan_epochs=cli.scan_epochs(args))
     except cli.USER_ERRORS as err:

@@ -99,11 +99,12 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
     training run's directory (its best/) or a PyTorch file of ``arch`` (state_dict or the seed's
     whole pickled model); its classes must be the data's."""
     source = teacher_source(path)
+    fingerprint = None
     if source.is_dir():
-        saved = checkpoint.read_meta(source).arch
-        if arch is not None and arch != saved:
-            raise ValueError(f"--teacher_file {path} holds a {saved}, but --teacher_arch is {arch}")
-        arch = saved
+        meta = checkpoint.read_meta(source)
+        if arch is not None and arch != meta.arch:
+            raise ValueError(f"--teacher_file {path} holds a {meta.arch}, but --teacher_arch is {arch}")
+        arch, fingerprint = meta.arch, meta.fingerprint  # loading checks the weights against it
     arch = arch or TEACHER_ARCH
     variables, class_names, _ = weights.load_variables(source, arch)
     outputs = models.num_outputs(arch, variables)
@@ -118,7 +119,7 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
             f"data's {list(dataset.class_names)} (same order required)"
         )
     model = models.create_model(arch, outputs)
-    return train.Teacher(arch, model, variables, checkpoint.fingerprint(variables))
+    return train.Teacher(arch, model, variables, fingerprint or checkpoint.fingerprint(variables))
 
 
 def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> train.Run:

@@ -665,8 +665,9 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
     teacher_vars = None if teacher is None else distributed.put_replicated(teacher.variables, repl)
     t_val = None
     if teacher is not None:  # frozen teacher, fixed val views: once for every run of the call
-        t_val = jax.block_until_ready(
-            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh))
+        # dispatched, not awaited: it overlaps the host's tracing of the first epoch. Setup runs
+        # after every checkpoint restore, so no orbax thread enqueues work beside its collectives.
+        t_val = all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh)
     return _Setup(
         spec=spec, mesh=mesh,
         train_split=distributed.put_replicated(dataset["train"].train, repl),
@@ -709,13 +710,19 @@ def layout_for(runs: Sequence[Run], states: Sequence[TrainState], student_arch: 
                                                          (run_seed, run_group, group_seed, group_rep)))
 
 
+def can_share_backbone(student_train: str, loss: str | None) -> bool:
+    """Whether runs of this recipe that start from one backbone can share its forward pass: a
+    frozen backbone (``fc``, ``fc_frozen_bn``) and a loss that reads logits only."""
+    reads_features = loss is not None and bool(losses.get(loss).features)
+    return student_train in ("fc", "fc_frozen_bn") and not reads_features
+
+
 def group_mode(spec: StepSpec, num_runs: int, share_frozen: bool) -> GroupMode:
-    """``single`` for one run; ``shared`` where frozen backbones can be shared (the loss reads
-    logits only); else ``vmap``."""
+    """``single`` for one run; ``shared`` where frozen backbones can be shared; else ``vmap``."""
     if num_runs == 1:
         return "single"
-    frozen = spec.student_train in ("fc", "fc_frozen_bn")
-    return "shared" if share_frozen and frozen and not spec.taps else "vmap"
+    loss = None if spec.teacher is None else spec.loss
+    return "shared" if share_frozen and can_share_backbone(spec.student_train, loss) else "vmap"
 
 
 def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_mask: np.ndarray,
