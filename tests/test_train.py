@@ -143,3 +143,12 @@ def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(datase
     # bfloat16 keeps 8 bits of mantissa: the loss agrees with float32 to a few percent, not 1e-6
     assert abs(float(m16["loss"]) - float(m32["loss"])) <= 0.05 * abs(float(m32["loss"])) + 1e-3
     assert float(m16["loss"]) != float(m32["loss"])
+
+
+def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(tmp_path):
+    steps = {"loss": np.array([0.5, np.nan]), "loss_sum": np.ones(2), "correct": np.ones(2), "count": np.ones(2)}
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 1 step 2/2; nothing of this epoch was saved, "
+                                                       r"no epoch of this run was saved yet"):
+        train.summarize_steps(steps, 0, tmp_path)
+    with pytest.raises(train.NonFiniteLossError, match=r"the last good checkpoint is epoch 3 in"):
+        train.summarize_steps(steps, 3, tmp_path)
