@@ -358,7 +358,7 @@ def test_cli_bad_class_names_exit_2_with_one_line(tmp_path, capsys, names, match
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "none.pth"),
                          "--out", str(tmp_path / "out")]) == 2
-    assert weights.main(["convert", "--arch", "resnet34", "--src", "x", "--out", "y"]) == 2
+    assert weights.main(["convert", "--arch", "vgg11", "--src", "x", "--out", "y"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("kdjax.weights: error: ") for line in lines)
     assert "none.pth" in lines[0] and "--arch" in lines[1]

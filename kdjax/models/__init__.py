@@ -2,7 +2,7 @@
 torchvision name mapping and a torch-free reader of ``.pth`` files.
 
     registry    name -> ModelSpec (constructor, head, input spec, feature taps)
-    resnet      torchvision's ResNets, NHWC, parameter names mirroring the state_dict
+    resnet      torchvision's ResNets (18-152, ResNeXt, Wide), NHWC, names mirroring the state_dict
     kernels     train-mode BatchNorm and max-pool formulated for XLA:CPU
     torchvision state_dict <-> flax variables, torchvision's ImageNet files
     torchfile   a safe reader of torch.save files (no torch, no pickled code run)

@@ -62,10 +62,12 @@ class ModelSpec:
     torchvision: str
 
 
-def _resnet(name: str, stages: tuple[int, ...], block: type, width: int) -> ModelSpec:
+def _resnet(name: str, stages: tuple[int, ...], block: type, width: int, groups: int = 1,
+            width_per_group: int = 64) -> ModelSpec:
     return ModelSpec(
         name=name,
-        build=functools.partial(resnet.ResNet, stage_sizes=stages, block=block),
+        build=functools.partial(resnet.ResNet, stage_sizes=stages, block=block, groups=groups,
+                                width_per_group=width_per_group),
         head="fc",
         head_width=width,
         input=InputSpec(),
@@ -78,7 +80,14 @@ def _resnet(name: str, stages: tuple[int, ...], block: type, width: int) -> Mode
 
 ARCHS: Mapping[str, ModelSpec] = {
     "resnet18": _resnet("resnet18", (2, 2, 2, 2), resnet.BasicBlock, 512),
+    "resnet34": _resnet("resnet34", (3, 4, 6, 3), resnet.BasicBlock, 512),
     "resnet50": _resnet("resnet50", (3, 4, 6, 3), resnet.Bottleneck, 2048),
+    "resnet101": _resnet("resnet101", (3, 4, 23, 3), resnet.Bottleneck, 2048),
+    "resnet152": _resnet("resnet152", (3, 8, 36, 3), resnet.Bottleneck, 2048),
+    "resnext50_32x4d": _resnet("resnext50_32x4d", (3, 4, 6, 3), resnet.Bottleneck, 2048, groups=32,
+                               width_per_group=4),
+    "wide_resnet50_2": _resnet("wide_resnet50_2", (3, 4, 6, 3), resnet.Bottleneck, 2048,
+                               width_per_group=128),
 }
 
 

@@ -1,4 +1,5 @@
-"""torchvision's ResNet-18 and ResNet-50 (v1.5) in flax.linen, NHWC.
+"""torchvision's ResNets (v1.5: 18, 34, 50, 101, 152, ResNeXt-50 32x4d, Wide ResNet-50-2) in
+flax.linen, NHWC.
 
 Module and parameter names mirror torchvision's state_dict keys (``layer1.0.conv1.weight`` is
 ``params/layer1_0/conv1/kernel``) so that weight conversion is a renaming plus a transpose, and
@@ -100,13 +101,15 @@ class BatchNorm(nn.Module):
         return y
 
 
-def _conv(features: int, kernel: int, stride: int, padding: int, name: str, dtype: Dtype):
+def _conv(features: int, kernel: int, stride: int, padding: int, name: str, dtype: Dtype,
+          groups: int = 1):
     return nn.Conv(
         features,
         (kernel, kernel),
         (stride, stride),
         padding=((padding, padding), (padding, padding)),
         use_bias=False,
+        feature_group_count=groups,
         kernel_init=_conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -125,11 +128,14 @@ def _add_shortcut(y, x, stride: int, bn, mask, dtype: Dtype):
 
 
 class BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock (expansion 1)."""
+    """torchvision.models.resnet.BasicBlock (expansion 1; torchvision allows no groups or other
+    width here, so ``groups`` and ``width_per_group`` must keep their defaults)."""
 
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    groups: int = 1
+    width_per_group: int = 64
     expansion = 1
 
     @nn.compact
@@ -143,20 +149,25 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision.models.resnet.Bottleneck, v1.5: the stride sits on the 3x3 convolution."""
+    """torchvision.models.resnet.Bottleneck, v1.5: the stride sits on the 3x3 convolution, which
+    is grouped (``groups``, ResNeXt) and ``features * width_per_group / 64 * groups`` wide (Wide
+    ResNets double ``width_per_group``)."""
 
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    groups: int = 1
+    width_per_group: int = 64
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
         bn = lambda name: BatchNorm(not train, dtype=self.dtype, name=name)  # noqa: E731
         out = self.features * self.expansion
-        y = _conv(self.features, 1, 1, 0, "conv1", self.dtype)(x)
+        width = int(self.features * (self.width_per_group / 64.0)) * self.groups
+        y = _conv(width, 1, 1, 0, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y, mask))
-        y = _conv(self.features, 3, self.stride, 1, "conv2", self.dtype)(y)
+        y = _conv(width, 3, self.stride, 1, "conv2", self.dtype, self.groups)(y)
         y = nn.relu(bn("bn2")(y, mask))
         y = _conv(out, 1, 1, 0, "conv3", self.dtype)(y)
         y = bn("bn3")(y, mask)
@@ -189,6 +200,8 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
     head: bool = True
+    groups: int = 1  # the Bottleneck's 3x3 convolutions (ResNeXt)
+    width_per_group: int = 64  # 128: Wide ResNet-50-2
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
@@ -204,9 +217,9 @@ class ResNet(nn.Module):
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = self.block(64 * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
-                    x, train, mask
-                )
+                block = self.block(64 * 2**i, stride, self.dtype, self.groups, self.width_per_group,
+                                   name=f"layer{i + 1}_{j}")
+                x = block(x, train, mask)
             features[f"layer{i + 1}"] = x
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pool"] = x

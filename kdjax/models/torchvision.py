@@ -122,8 +122,10 @@ def _listing(items: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "state_dict") -> dict:
-    """``{'params', 'batch_stats'}`` (nested dicts of float32 numpy arrays) for ``arch``.
+def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "state_dict",
+            dtype=np.float32) -> dict:
+    """``{'params', 'batch_stats'}`` (nested dicts of ``dtype`` numpy arrays: float32, or
+    float64 for the architecture certificates of the tests) for ``arch``.
 
     ``num_classes`` is read from ``fc.weight``. Raises :class:`WeightMappingError` naming every
     missing, unexpected or misshaped key (shapes in torch's layout); ``source`` names the file.
@@ -163,7 +165,7 @@ def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "stat
         for name in target.path[:-1]:
             node = node.setdefault(name, {})
         node[target.path[-1]] = np.ascontiguousarray(target.layout(np.asarray(value)),
-                                                     dtype=np.float32)
+                                                     dtype=dtype)
     return variables
 
 
