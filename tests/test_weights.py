@@ -69,6 +69,55 @@ def test_whole_module_file_equals_its_state_dict(tmp_path, arch):
     assert _tree_equal(weights.to_flax(from_module, arch), weights.to_flax(from_state, arch))
 
 
+def _saved_as_users_save(net, root) -> dict[str, object]:
+    """The files a teacher arrives in: training-loop dicts (torchvision's reference scripts keep
+    the weights under "model" beside optimizer, epoch and args; most loops under
+    "state_dict"), DataParallel's "module." keys, and safetensors."""
+    import argparse
+
+    from safetensors.numpy import save_file
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    files = {
+        "reference_script.pth": {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
+                                 "args": argparse.Namespace(lr=0.1, arch="resnet18")},
+        "loop.pth": {"epoch": 7, "state_dict": net.state_dict(), "best_acc": 0.93},
+        "data_parallel.pth": torch.nn.DataParallel(net).state_dict(),
+        "whole_in_dict.pt": {"model": net, "epoch": 1},
+    }
+    for name, obj in files.items():
+        torch.save(obj, root / name)
+    save_file(numpy_state_dict(net), str(root / "weights.safetensors"))
+    return files
+
+
+def test_teacher_files_as_users_have_them(tmp_path):
+    net = torch_resnet("resnet18")
+    names = list(_saved_as_users_save(net, tmp_path)) + ["weights.safetensors"]
+    expected = numpy_state_dict(net)  # after the optimiser step the files were saved with
+    for name in names:
+        got = load_state_dict(tmp_path / name)
+        if name.endswith(".safetensors"):  # the format keeps no order
+            assert sorted(got) == sorted(expected)
+        else:
+            assert list(got) == list(expected), name
+        assert all(got[k].dtype == v.dtype and np.array_equal(got[k], v) for k, v in expected.items()), name
+    with pytest.raises(TorchFileError, match=r"neither a state_dict nor holds one under 'state_dict'"):
+        torch.save({"epoch": 1, "weights_here": {"a": 1}}, tmp_path / "odd.pth")
+        load_state_dict(tmp_path / "odd.pth")
+    # a mismatch names every missing, unexpected and misshaped key in one error
+    bad = dict(expected)
+    bad.pop("layer1.0.conv1.weight")
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    bad["fc.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(weights.WeightMappingError,
+                       match=r"1 missing key\(s\): layer1.0.conv1.weight; 1 unexpected key\(s\): extra.weight; "
+                             r"1 misshaped key\(s\): fc.bias is \(5,\), expected \(2,\)"):
+        weights.to_flax(bad, "resnet18")
+
+
 def test_module_file_follows_state_dict_rules(tmp_path):
     """Parameters set to None and non-persistent buffers are left out, as torch does."""
     net = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.BatchNorm1d(2))

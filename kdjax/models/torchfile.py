@@ -26,7 +26,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-__all__ = ["TorchFileError", "UnsafePickleError", "load_state_dict"]
+__all__ = ["TorchFileError", "UnsafePickleError", "load_safetensors", "load_state_dict"]
 
 
 class TorchFileError(ValueError):
@@ -244,6 +244,12 @@ _FUNCTIONS: dict[tuple[str, str], Callable] = {
 }
 
 
+class _Record:
+    """An inert stand-in for a plain object that training loops save beside the weights
+    (``argparse.Namespace``, e.g. torchvision's reference scripts' ``args``): it receives the
+    pickled ``__dict__`` and nothing else."""
+
+
 class _Unpickler(pickle.Unpickler):
     """The allow-list: every global a pickle names passes through ``find_class``."""
 
@@ -264,6 +270,8 @@ class _Unpickler(pickle.Unpickler):
             return _Marker(full, np.dtype(np.uint8), untyped=True)
         if module == "torch" and name in _TORCH_DTYPES:
             return _Marker(full, _TORCH_DTYPES[name])
+        if (module, name) == ("argparse", "Namespace"):
+            return _Record
         if module.startswith(_MODULE_PACKAGES) and name.isidentifier() and name[:1].isupper():
             if full not in self._stubs:
                 self._stubs[full] = _StubMeta(name, (_ModuleStub,), {"torch_class": full})
@@ -362,27 +370,94 @@ def _module_state_dict(module: _ModuleStub, prefix: str, out: dict[str, np.ndarr
         _module_state_dict(child, f"{prefix}{name}.", out)
 
 
-def load_state_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
-    """The ``{dotted_name: array}`` state_dict held in a ``torch.save`` file.
+# Where training loops keep the weights in the dicts they save: torchvision's reference scripts
+# ("model"), Lightning and most loops ("state_dict"), others ("model_state_dict", "net", "module").
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 
-    The file may hold a state_dict (``torch.save(model.state_dict())``) or a whole module
-    (``torch.save(model)``); for a module the result equals ``model.state_dict()``, with
-    ``num_batches_tracked`` and in the same order. Arrays keep their torch dtype.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    obj = _load(path)
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+
+
+def _state_dict_of(obj: Any, path: pathlib.Path) -> dict[str, np.ndarray]:
     if isinstance(obj, _ModuleStub):
         state_dict: dict[str, np.ndarray] = {}
         _module_state_dict(obj, "", state_dict)
         return state_dict
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if not isinstance(key, str) or not isinstance(value, np.ndarray):
-                raise TorchFileError(
-                    f"{path}: holds a dict but not a state_dict (entry {key!r} is a "
-                    f"{type(value).__name__}); save model.state_dict() or the model itself"
-                )
+    if _is_state_dict(obj):
         return dict(obj)
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if key in obj and (isinstance(obj[key], _ModuleStub) or _is_state_dict(obj[key])):
+                return _state_dict_of(obj[key], path)
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise TorchFileError(
+            f"{path}: holds a dict ({keys}) that is neither a state_dict nor holds one under "
+            f"{', '.join(repr(k) for k in STATE_DICT_KEYS)}; save model.state_dict() or the model itself"
+        )
     raise TorchFileError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a module")
+
+
+def _without_wrapper_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys without the ``module.`` that DataParallel / DistributedDataParallel put in front of
+    every name (only when every key has it)."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype(bool),
+}
+
+
+def load_safetensors(path: os.PathLike | str) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file (an 8-byte little-endian header length, a JSON
+    header ``{name: {dtype, shape, data_offsets}}``, then the raw bytes); no code involved."""
+    import json
+
+    path = pathlib.Path(path)
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise TorchFileError(f"{path}: too short for a safetensors file")
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError as err:
+        raise TorchFileError(f"{path}: unreadable safetensors header ({err})") from None
+    data = memoryview(raw)[8 + n:]
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        begin, end = entry.get("data_offsets", (0, -1))
+        shape = tuple(entry.get("shape", ()))
+        if dtype is None:
+            raise TorchFileError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        if not 0 <= begin <= end <= len(data) or (end - begin) != dtype.itemsize * int(np.prod(shape)):
+            raise TorchFileError(f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit "
+                                 f"its shape {shape} x {dtype} or the file")
+        out[name] = np.frombuffer(data[begin:end], dtype).reshape(shape).copy()
+    return out
+
+
+def load_state_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
+    """The ``{dotted_name: array}`` state_dict in a weights file, as users have them.
+
+    A ``torch.save`` file may hold a state_dict (``torch.save(model.state_dict())``), a whole
+    module (``torch.save(model)``; the result equals ``model.state_dict()``, with
+    ``num_batches_tracked`` and in the same order) or a training loop's dict holding either under
+    one of ``STATE_DICT_KEYS`` (its other entries, such as epoch, optimizer or args, are
+    ignored). A ``.safetensors`` file is read directly. DataParallel's ``module.`` prefix is
+    removed. Arrays keep their dtype.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _without_wrapper_prefix(load_safetensors(path))
+    return _without_wrapper_prefix(_state_dict_of(_load(path), path))
