@@ -665,9 +665,10 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
     teacher_vars = None if teacher is None else distributed.put_replicated(teacher.variables, repl)
     t_val = None
     if teacher is not None:  # frozen teacher, fixed val views: once for every run of the call
-        # dispatched, not awaited: it overlaps the host's tracing of the first epoch. Setup runs
-        # after every checkpoint restore, so no orbax thread enqueues work beside its collectives.
-        t_val = all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh)
+        # awaited: a multi-device program still in flight when orbax's threads move arrays can
+        # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
+        t_val = jax.block_until_ready(
+            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh))
     return _Setup(
         spec=spec, mesh=mesh,
         train_split=distributed.put_replicated(dataset["train"].train, repl),

@@ -3,6 +3,7 @@
     python -m kdjax.weights convert --arch {resnet18,resnet50} --src FILE --out DIR \
         [--class-names ants,bees]
     python -m kdjax.weights fetch --arch {resnet18,resnet50}
+    python -m kdjax.weights export --checkpoint DIR --out FILE.pth
 
 ``FILE`` is read by :mod:`kdjax.models.torchfile` (no torch, no pickled code run) and may hold a
 state_dict or a whole pickled module; :mod:`kdjax.models.torchvision` maps it, strictly.
@@ -20,7 +21,7 @@ import jax
 
 from kdjax import checkpoint, models
 from kdjax.fetch import DownloadError, sha256_file
-from kdjax.models.torchfile import TorchFileError, load_state_dict
+from kdjax.models.torchfile import TorchFileError, load_state_dict, save_state_dict
 from kdjax.models.torchvision import (
     DEFAULT_DIR,
     IMAGENET_WEIGHTS,
@@ -29,6 +30,7 @@ from kdjax.models.torchvision import (
     WeightsNotFoundError,
     _listing,
     fetch,
+    from_flax,
     imagenet_variables,
     to_flax,
 )
@@ -36,7 +38,7 @@ from kdjax.models.torchvision import (
 __all__ = [
     "IMAGENET_WEIGHTS", "PretrainedFile", "WeightMappingError", "WeightsNotFoundError",
     "ClassNamesError", "to_flax", "fetch", "imagenet_variables", "load_variables",
-    "initial_variables", "convert", "main",
+    "initial_variables", "convert", "export", "main",
 ]
 
 
@@ -123,6 +125,33 @@ def convert(
                                  provenance=provenance)
 
 
+def export(checkpoint_dir: os.PathLike, out: os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """A kdjax model directory as a torchvision state_dict file ``out`` (what
+    ``torchvision.models.<arch>(num_classes=n).load_state_dict(torch.load(out), strict=True)``
+    accepts; written without torch) and a JSON sidecar ``out`` with suffix ``.json``: the
+    architecture, class names, eval transform (resize, crop, interpolation, mean, std), the
+    weights' fingerprint and provenance. Returns both paths."""
+    import json
+
+    _, variables, meta = checkpoint.load_model(checkpoint_dir)
+    out = pathlib.Path(out)
+    if out.suffix not in (".pth", ".pt"):
+        raise ValueError(f"--out {out}: give a .pth or .pt file name (the sidecar goes next to it as .json)")
+    path = save_state_dict(from_flax(jax.device_get(variables), meta.arch), out)
+    sidecar = out.with_suffix(".json")
+    info = {
+        "arch": meta.arch, "torchvision_builder": models.get(meta.arch).torchvision,
+        "num_classes": meta.num_classes, "class_names": list(meta.class_names),
+        "eval_transform": {"resize": meta.resize_size, "crop": meta.image_size,
+                           "interpolation": models.get(meta.arch).input.interpolation,
+                           "mean": list(meta.mean), "std": list(meta.std)},
+        "fingerprint": meta.fingerprint, "provenance": meta.provenance,
+        "exported_by": "kdjax.weights export", "exported_from": str(pathlib.Path(checkpoint_dir).absolute()),
+    }
+    checkpoint.write_text_atomic(sidecar, json.dumps(info, indent=2) + "\n")
+    return path, sidecar
+
+
 # ----------------------------------------------------------------------------- command line
 
 class _UsageError(Exception):
@@ -153,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--class-names", help="comma-separated, in output order (default class_i)")
     get = commands.add_parser("fetch", help=f"torchvision's ImageNet file -> {DEFAULT_DIR}/")
     get.add_argument("--arch", required=True, choices=sorted(IMAGENET_WEIGHTS))
+    out = commands.add_parser("export", help="kdjax model directory -> torchvision state_dict .pth + .json")
+    out.add_argument("--checkpoint", required=True, type=pathlib.Path, help="a kdjax model directory")
+    out.add_argument("--out", required=True, type=pathlib.Path, help="the .pth file to write")
 
     def fail(message: str) -> int:
         print(f"kdjax.weights: error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -165,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(fetch(args.arch))
+            return 0
+        if args.command == "export":
+            path, sidecar = export(args.checkpoint, args.out)
+            print(f"{path} (+ {sidecar.name}): load with torchvision.models.<arch>(num_classes=n)"
+                  ".load_state_dict(torch.load(path), strict=True)")
             return 0
         names = _class_names(args.class_names) if args.class_names is not None else None
         meta = convert(args.src, args.out, arch=args.arch, class_names=names)

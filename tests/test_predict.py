@@ -81,3 +81,35 @@ def test_corrupted_weights_are_detected(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kdjax.predict", "--checkpoint", str(directory), "x.jpg"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "fingerprint" in proc.stderr
+
+
+def test_export_loads_strictly_in_torchvision_and_predicts_what_kdjax_predicts(tmp_path, hymenoptera_dir, capsys):
+    """``kdjax.weights export``: a model directory (here a distilled student as kdjax writes one,
+    converted from a random torchvision net) -> a .pth that torchvision loads with strict=True
+    and whose softmax equals kdjax.predict's (1e-4, as test_predict_matches_...) on real images."""
+    _, directory = _model_dir(tmp_path)
+    out = tmp_path / "export" / "student.pth"
+    assert weights.main(["export", "--checkpoint", str(directory), "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["arch"] == "resnet18" and sidecar["class_names"] == ["ants", "bees"]
+    assert sidecar["eval_transform"] == {"resize": 256, "crop": 224, "interpolation": "bilinear",
+                                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    net = getattr(torchvision.models, sidecar["torchvision_builder"])(num_classes=sidecar["num_classes"])
+    net.load_state_dict(torch.load(out), strict=True)  # weights_only: only allowed globals in the file
+    net.eval()
+
+    paths = [str(hymenoptera_dir / "val" / p) for p in VAL_IMAGES]
+    capsys.readouterr()
+    assert main(["--checkpoint", str(directory), *paths]) == 0
+    got = np.array([[r["probs"]["ants"], r["probs"]["bees"]]
+                    for r in map(json.loads, capsys.readouterr().out.splitlines())])
+    t = sidecar["eval_transform"]
+    tf = T.Compose([T.Resize(t["resize"]), T.CenterCrop(t["crop"]), T.ToTensor(), T.Normalize(t["mean"], t["std"])])
+    loader = torchvision.datasets.folder.default_loader
+    with torch.no_grad():
+        want = torch.softmax(net(torch.stack([tf(loader(p)) for p in paths])), -1).numpy()
+    err = np.max(np.abs(got - want))
+    print(f"exported .pth in torchvision vs kdjax.predict: max|dp| = {err:.2e}")
+    assert err <= 1e-4
+    assert weights.main(["export", "--checkpoint", str(directory), "--out", str(tmp_path / "x.bin")]) == 2
+    assert "give a .pth or .pt file name" in capsys.readouterr().err

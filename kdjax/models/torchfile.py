@@ -26,7 +26,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-__all__ = ["TorchFileError", "UnsafePickleError", "load_safetensors", "load_state_dict"]
+__all__ = ["TorchFileError", "UnsafePickleError", "load_safetensors", "load_state_dict", "save_state_dict"]
 
 
 class TorchFileError(ValueError):
@@ -461,3 +461,71 @@ def load_state_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         return _without_wrapper_prefix(load_safetensors(path))
     return _without_wrapper_prefix(_state_dict_of(_load(path), path))
+
+
+# --------------------------------------------------------------------------- writing
+
+_STORAGE_OF = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
+               np.dtype(np.int64): "LongStorage"}
+
+
+def _pickle_state_dict(state_dict: dict[str, np.ndarray]) -> tuple[bytes, list[bytes]]:
+    """The ``data.pkl`` that ``torch.save(state_dict)`` writes (pickle protocol 2, written opcode
+    by opcode: no torch to import) and the raw storages it refers to. Only globals that
+    ``torch.load(..., weights_only=True)`` allows appear: ``collections.OrderedDict``,
+    ``torch._utils._rebuild_tensor_v2`` and the typed storages."""
+    import struct
+
+    def text(value: str) -> bytes:
+        raw = value.encode("utf-8")
+        return b"X" + struct.pack("<I", len(raw)) + raw
+
+    def integer(value: int) -> bytes:
+        return b"J" + struct.pack("<i", value)
+
+    def global_(module: str, name: str) -> bytes:
+        return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+    def int_tuple(values) -> bytes:
+        return b"(" + b"".join(integer(int(v)) for v in values) + b"t"
+
+    ordered_dict = global_("collections", "OrderedDict") + b")R"
+    out = [b"\x80\x02", ordered_dict, b"("]
+    storages: list[bytes] = []
+    for key, array in state_dict.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _STORAGE_OF:
+            raise TorchFileError(f"{key}: cannot write dtype {array.dtype} (float32, float64, int64)")
+        strides = [s // array.itemsize for s in array.strides] if array.ndim else []
+        storage_id = (b"(" + text("storage") + global_("torch", _STORAGE_OF[array.dtype])
+                      + text(str(len(storages))) + text("cpu") + integer(array.size) + b"tQ")
+        out += [text(key), global_("torch._utils", "_rebuild_tensor_v2"), b"(", storage_id, integer(0),
+                int_tuple(array.shape), int_tuple(strides), b"\x89", ordered_dict, b"tR"]
+        storages.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    out += [b"u", b"."]
+    return b"".join(out), storages
+
+
+def save_state_dict(state_dict: dict[str, np.ndarray], path: os.PathLike | str) -> pathlib.Path:
+    """Write ``state_dict`` as ``torch.save(state_dict, path)`` does (the zip format of torch >=
+    1.6: ``archive/data.pkl``, ``archive/data/<n>``, ``archive/byteorder``, ``archive/version``),
+    atomically, without torch; ``torch.load(path)`` and kdjax's ``load_state_dict`` read it."""
+    import tempfile
+
+    path = pathlib.Path(path)
+    pkl, storages = _pickle_state_dict(state_dict)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("archive/data.pkl", pkl)
+            archive.writestr("archive/byteorder", "little")
+            for i, raw in enumerate(storages):
+                archive.writestr(f"archive/data/{i}", raw)
+            archive.writestr("archive/version", "3\n")
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -117,6 +117,27 @@ def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
     return table
 
 
+_TO_TORCH = {_oihw_to_hwio: lambda a: a.transpose(3, 2, 0, 1), _linear_to_dense: lambda a: a.T,
+             _identity: _identity}
+
+
+def from_flax(variables: dict, arch: str) -> dict[str, np.ndarray]:
+    """torchvision's state_dict of ``arch`` from kdjax ``{'params', 'batch_stats'}``: every key
+    ``torchvision.models.<arch>(num_classes=n).load_state_dict(..., strict=True)`` expects, in
+    torch's layouts, float32; ``num_batches_tracked`` (which kdjax does not keep) is 0."""
+    num_classes = registry.num_outputs(arch, variables)
+    out: dict[str, np.ndarray] = {}
+    for key, target in _targets(arch, num_classes).items():
+        if not target.collection:
+            out[key] = np.zeros((), np.int64)
+            continue
+        node = variables[target.collection]
+        for name in target.path:
+            node = node[name]
+        out[key] = np.ascontiguousarray(_TO_TORCH[target.layout](np.asarray(node, np.float32)))
+    return out
+
+
 def _listing(items: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
