@@ -144,14 +144,15 @@ def save_model(
             f"{num_classes} outputs"
         )
     _check_shapes(variables, arch, num_classes, directory)
+    inputs = models.get(arch).input  # what the network was trained on, recorded for prediction
     meta = ModelMeta(
         arch=arch,
         num_classes=num_classes,
         class_names=tuple(str(c) for c in class_names),
         image_size=int(image_size),
-        resize_size=models.get(arch).input.resize_for(int(image_size)),
-        mean=models.get(arch).input.mean,
-        std=models.get(arch).input.std,
+        resize_size=inputs.resize_for(int(image_size)),
+        mean=inputs.mean,
+        std=inputs.std,
         fingerprint=fingerprint(variables),
         provenance=dict(provenance),
     )

@@ -127,20 +127,29 @@ def _add_shortcut(y, x, stride: int, bn, mask, dtype: Dtype):
     return nn.relu(y + x)
 
 
-class BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock (expansion 1; torchvision allows no groups or other
-    width here, so ``groups`` and ``width_per_group`` must keep their defaults)."""
+class _Block(nn.Module):
+    """What torchvision's two residual blocks share: their fields and their BatchNorm factory."""
 
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
     groups: int = 1
     width_per_group: int = 64
+
+    def batch_norm(self, train: bool):
+        """``name -> BatchNorm``: batch statistics in train mode, running ones in eval mode."""
+        return lambda name: BatchNorm(not train, dtype=self.dtype, name=name)
+
+
+class BasicBlock(_Block):
+    """torchvision.models.resnet.BasicBlock (expansion 1; torchvision allows no groups or other
+    width here, so ``groups`` and ``width_per_group`` must keep their defaults)."""
+
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        bn = lambda name: BatchNorm(not train, dtype=self.dtype, name=name)  # noqa: E731
+        bn = self.batch_norm(train)
         y = _conv(self.features, 3, self.stride, 1, "conv1", self.dtype)(x)
         y = nn.relu(bn("bn1")(y, mask))
         y = _conv(self.features, 3, 1, 1, "conv2", self.dtype)(y)
@@ -148,21 +157,16 @@ class BasicBlock(nn.Module):
         return _add_shortcut(y, x, self.stride, bn, mask, self.dtype)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """torchvision.models.resnet.Bottleneck, v1.5: the stride sits on the 3x3 convolution, which
     is grouped (``groups``, ResNeXt) and ``features * width_per_group / 64 * groups`` wide (Wide
     ResNets double ``width_per_group``)."""
 
-    features: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
-    groups: int = 1
-    width_per_group: int = 64
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        bn = lambda name: BatchNorm(not train, dtype=self.dtype, name=name)  # noqa: E731
+        bn = self.batch_norm(train)
         out = self.features * self.expansion
         width = int(self.features * (self.width_per_group / 64.0)) * self.groups
         y = _conv(width, 1, 1, 0, "conv1", self.dtype)(x)
