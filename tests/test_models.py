@@ -19,7 +19,15 @@ import pytest
 from kdjax import losses, models, weights
 from kdjax.models import kernels
 from kdjax.models.resnet import BatchNorm
-from torch_reference import images, numpy_state_dict, torch_forward, torch_resnet
+from torch_reference import (
+    images,
+    numpy_state_dict,
+    running_stats,
+    stat_error,
+    torch64,
+    torch_forward,
+    torch_resnet,
+)
 
 TOL = 1e-4
 # Running variances deep in a ResNet-50 reach ~10^2, where float32 resolves ~1e-5; so the
@@ -28,19 +36,10 @@ TOL = 1e-4
 STAT_TOL = 1e-5
 
 
-def _stat_error(ours: dict, theirs: dict) -> float:
-    return max(float(np.max(np.abs(ours[k] - theirs[k]) / (1 + np.abs(theirs[k])))) for k in ours)
-
-
 def flax_running_stats(batch_stats: dict) -> dict[str, np.ndarray]:
-    """Flatten flax batch_stats back to torchvision's running_mean / running_var keys."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(batch_stats):
-        names = [p.key for p in path]
-        *mods, stat = names
-        key = ".".join(m.replace("_", ".") for m in mods)
-        out[f"{key}.running_{stat}"] = np.asarray(leaf)
-    return out
+    """Flatten flax batch_stats back to torchvision's running_mean / running_var keys (every
+    ResNet names its layers alike)."""
+    return running_stats("resnet18", batch_stats)
 
 
 @pytest.mark.parametrize("arch,expected", [("resnet18", 11_177_538), ("resnet50", 23_512_130)])
@@ -76,7 +75,7 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, size):
     after = numpy_state_dict(net)
     ours = flax_running_stats(updates["batch_stats"])
     assert set(ours) == {k for k in after if k.endswith(("running_mean", "running_var"))}
-    stat_err = _stat_error(ours, after)
+    stat_err = stat_error(ours, after)
     print(f"{arch} train {size}: max|dlogit| = {err:.2e}, running stats max rel. err = {stat_err:.2e}")
     assert err <= TOL
     assert stat_err <= STAT_TOL
@@ -96,7 +95,7 @@ def test_masked_batch_equals_unpadded_torch_batch():
     )
     assert np.max(np.abs(np.asarray(got)[:3] - want)) <= TOL
     after, ours = numpy_state_dict(net), flax_running_stats(updates["batch_stats"])
-    assert _stat_error(ours, after) <= STAT_TOL
+    assert stat_error(ours, after) <= STAT_TOL
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
@@ -375,16 +374,6 @@ def test_resnet18_trains_on_a_32px_batch_with_one_real_example(kernel_branch):
 RESNET_FAMILY = ["resnet34", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 
 
-def _torch64(net, x: np.ndarray) -> np.ndarray:
-    """``net``'s output in float64 (a copy; the same weights, exactly): the reference truth."""
-    import copy
-
-    import torch
-
-    with torch.no_grad():
-        return copy.deepcopy(net).double()(torch.from_numpy(x.astype(np.float64)).permute(0, 3, 1, 2)).numpy()
-
-
 @pytest.mark.parametrize("arch", RESNET_FAMILY)
 def test_the_resnet_family_matches_torchvision(arch):
     """Parameter counts (1000 and 2 classes); the architecture in float64; float32 eval and
@@ -407,7 +396,7 @@ def test_the_resnet_family_matches_torchvision(arch):
     model = models.create_model(arch, 2)
     x = images(2, 64, seed=4)
 
-    truth = _torch64(net.eval(), x)
+    truth = torch64(net.eval(), x)
     with jax.enable_x64(True):
         v64 = weights.to_flax(state, arch, dtype=np.float64)
         got64 = np.asarray(model.clone(dtype=jnp.float64).apply(v64, jnp.asarray(x, jnp.float64), train=False))
@@ -423,11 +412,11 @@ def test_the_resnet_family_matches_torchvision(arch):
     # train mode: batch statistics (over 4 images: 16 values per channel in layer4), running
     # statistics updated (torch's in place)
     x = images(4, 64, seed=5)
-    truth = _torch64(net.train(), x)
+    truth = torch64(net.train(), x)
     want = torch_forward(net, x)
     got, updates = model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
     ours, theirs = np.max(np.abs(np.asarray(got) - truth)), np.max(np.abs(want - truth))
-    stat_err = _stat_error(flax_running_stats(updates["batch_stats"]), numpy_state_dict(net))
+    stat_err = stat_error(flax_running_stats(updates["batch_stats"]), numpy_state_dict(net))
     print(f"{arch} 64 px train: float32 from the truth: kdjax {ours:.1e}, torch {theirs:.1e}; "
           f"running stats vs torch {stat_err:.1e}")
     assert ours <= max(TOL, 2 * theirs)

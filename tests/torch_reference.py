@@ -1,15 +1,21 @@
-"""PyTorch side of the parity tests: randomly initialised torchvision ResNets and helpers."""
+"""PyTorch side of the parity tests: randomly initialised torchvision models and helpers."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import torch
 import torchvision
 
+# torchvision's builder arguments that switch off dropout and stochastic depth, which the
+# parity tests exclude (kdjax draws its masks from JAX's generator, not torch's)
+DETERMINISTIC = ("dropout", "stochastic_depth_prob", "attention_dropout")
 
-def torch_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised torchvision ResNet with a 2-class head whose BatchNorm layers have
-    random affine parameters and non-trivial running statistics.
+
+def torch_model(arch: str, seed: int = 0, num_classes: int = 2, **kwargs) -> torch.nn.Module:
+    """A randomly initialised torchvision ``arch`` with a ``num_classes`` head whose
+    normalisation layers have random affine parameters and BatchNorm non-trivial running
+    statistics; ``kwargs`` go to the builder (``dropout=0.0``, ...).
 
     The running statistics are first calibrated on random images (cumulative average over two
     batches) and then perturbed, so eval-mode BatchNorm is neither an identity nor wildly off:
@@ -17,20 +23,37 @@ def torch_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
     a real network and turns float32 round-off into large absolute errors.
     """
     torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
+    return _randomise_norms(net, seed, 224 if arch.startswith("vit") else 64)
+
+
+def torch_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
+    """``torch_model`` of a ResNet with its 1000-class ``fc`` replaced by a fresh 2-class one
+    after building, as the seed study does (the draws, so every ResNet test's numbers, differ
+    from building with ``num_classes=2``)."""
+    torch.manual_seed(seed)
     net = getattr(torchvision.models, arch)(weights=None)
     net.fc = torch.nn.Linear(net.fc.in_features, 2)
+    return _randomise_norms(net, seed, 64)
+
+
+def _randomise_norms(net: torch.nn.Module, seed: int, size: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed + 1)
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
     with torch.no_grad():
-        for m in bns:
+        for m in bns + norms:
             m.weight.uniform_(0.5, 1.5, generator=gen)
             m.bias.normal_(0.0, 0.1, generator=gen)
+        momenta = [m.momentum for m in bns]  # torchvision's own (0.01 in MobileNetV3)
+        for m in bns:
             m.momentum = None  # cumulative moving average while calibrating
         net.train()
-        for _ in range(2):
-            net(torch.randn(8, 3, 64, 64, generator=gen))
-        for m in bns:
-            m.momentum = 0.1
+        if bns:
+            for _ in range(2):
+                net(torch.randn(8, 3, size, size, generator=gen))
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
             m.running_mean.add_(0.05 * torch.randn(m.num_features, generator=gen))
             m.running_var.mul_(torch.empty(m.num_features).uniform_(0.8, 1.25, generator=gen))
             m.num_batches_tracked.fill_(7)
@@ -48,3 +71,30 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def torch_forward(net, x_nhwc: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return net(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()).numpy()
+
+
+def torch64(net, x: np.ndarray) -> np.ndarray:
+    """``net``'s output in float64 (a copy; the same weights, exactly; ``net``'s own running
+    statistics untouched): the reference truth."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(net).double()(torch.from_numpy(x.astype(np.float64)).permute(0, 3, 1, 2)).numpy()
+
+
+def running_stats(arch: str, batch_stats: dict) -> dict[str, np.ndarray]:
+    """kdjax's ``batch_stats`` of ``arch`` under torchvision's running_mean / running_var keys."""
+    from kdjax import models
+
+    name = models.get(arch).torch_name
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch_stats):
+        *mods, stat = (p.key for p in path)
+        out[f"{name(mods)}.running_{stat}"] = np.asarray(leaf)
+    return out
+
+
+def stat_error(ours: dict, theirs: dict) -> float:
+    """max |d| / (1 + |value|) over running statistics: deep running variances reach ~10^2, where
+    float32 resolves ~1e-5, so they are compared relative to their size."""
+    return max(float(np.max(np.abs(ours[k] - theirs[k]) / (1 + np.abs(theirs[k])))) for k in ours)

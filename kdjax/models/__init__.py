@@ -2,12 +2,19 @@
 torchvision name mapping and a torch-free reader of ``.pth`` files.
 
     registry    name -> ModelSpec (constructor, head, input spec, feature taps)
+    spec        ModelSpec and InputSpec: what kdjax may know of an architecture
+    layers      the shared blocks: torch's BatchNorm, Conv2dNormActivation, SqueezeExcitation, ...
     resnet      torchvision's ResNets (18-152, ResNeXt, Wide), NHWC, names mirroring the state_dict
     kernels     train-mode BatchNorm and max-pool formulated for XLA:CPU
     torchvision state_dict <-> flax variables, torchvision's ImageNet files
     torchfile   a safe reader of torch.save files (no torch, no pickled code run)
 """
 
+from kdjax.models.layers import (  # noqa: F401
+    abstract_variables,
+    count_params,
+    init_variables,
+)
 from kdjax.models.registry import (  # noqa: F401
     ARCHS,
     InputSpec,
@@ -18,9 +25,4 @@ from kdjax.models.registry import (  # noqa: F401
     num_outputs,
     replace_head,
     without_head,
-)
-from kdjax.models.resnet import (  # noqa: F401
-    abstract_variables,
-    count_params,
-    init_variables,
 )

@@ -8,86 +8,23 @@ architecture touches its network module, one entry here and a test.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from kdjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from kdjax.models import resnet
+from kdjax.models import convnext, efficientnet, layers, mobilenet, resnet, vit
+from kdjax.models.spec import InputSpec, ModelSpec  # noqa: F401 (the registry's types)
 
 Dtype = Any
 
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """What a network was trained on: torchvision's eval transform (``Resize(resize_size)``,
-    ``CenterCrop(crop_size)``, ``interpolation``) and ``Normalize(mean, std)``."""
-
-    crop_size: int = 224
-    resize_size: int = 256
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def resize_for(self, crop_size: int) -> int:
-        """The Resize() side for another crop, in this spec's proportion (256/224 -> 146 at 128)."""
-        return crop_size * self.resize_size // self.crop_size
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """One architecture.
-
-    - ``build(num_classes=, dtype=)``: the flax module; ``apply(..., taps=True)`` returns
-      ``(logits, {tap: array})``.
-    - ``head``: the key of the classifier in ``params``; ``head_width`` is its input width.
-    - ``backbone(module)``: the module stopping at the pre-logit features; ``classify(module,
-      head_params, features)`` completes the same function.
-    - ``taps``: the feature names ``apply(..., taps=True)`` returns.
-    - ``torchvision``: the ``torchvision.models`` builder whose state_dict this mirrors.
-    """
-
-    name: str
-    build: Callable[..., nn.Module]
-    head: str
-    head_width: int
-    input: InputSpec
-    taps: tuple[str, ...]
-    backbone: Callable[[nn.Module], nn.Module]
-    classify: Callable[[nn.Module, Any, jax.Array], jax.Array]
-    torchvision: str
-
-
-def _resnet(name: str, stages: tuple[int, ...], block: type, width: int, groups: int = 1,
-            width_per_group: int = 64) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        build=functools.partial(resnet.ResNet, stage_sizes=stages, block=block, groups=groups,
-                                width_per_group=width_per_group),
-        head="fc",
-        head_width=width,
-        input=InputSpec(),
-        taps=("layer1", "layer2", "layer3", "layer4", "pool"),
-        backbone=resnet.without_head,
-        classify=resnet.classify,
-        torchvision=name,
-    )
-
-
 ARCHS: Mapping[str, ModelSpec] = {
-    "resnet18": _resnet("resnet18", (2, 2, 2, 2), resnet.BasicBlock, 512),
-    "resnet34": _resnet("resnet34", (3, 4, 6, 3), resnet.BasicBlock, 512),
-    "resnet50": _resnet("resnet50", (3, 4, 6, 3), resnet.Bottleneck, 2048),
-    "resnet101": _resnet("resnet101", (3, 4, 23, 3), resnet.Bottleneck, 2048),
-    "resnet152": _resnet("resnet152", (3, 8, 36, 3), resnet.Bottleneck, 2048),
-    "resnext50_32x4d": _resnet("resnext50_32x4d", (3, 4, 6, 3), resnet.Bottleneck, 2048, groups=32,
-                               width_per_group=4),
-    "wide_resnet50_2": _resnet("wide_resnet50_2", (3, 4, 6, 3), resnet.Bottleneck, 2048,
-                               width_per_group=128),
+    **resnet.SPECS,
+    **mobilenet.SPECS,
+    **efficientnet.SPECS,
+    **convnext.SPECS,
+    **vit.SPECS,
 }
 
 
@@ -129,5 +66,5 @@ def num_outputs(arch: str, variables: Mapping) -> int:
 def replace_head(arch: str, variables: Mapping, key: jax.Array, num_classes: int) -> dict:
     """``variables`` with a fresh ``num_classes``-way head drawn as torch.nn.Linear draws one."""
     spec = get(arch)
-    head = jax.device_get(resnet.fresh_head(key, spec.head_width, num_classes))
+    head = jax.device_get(layers.fresh_head(key, spec.head_width, num_classes))
     return {**variables, "params": {**variables["params"], spec.head: head}}

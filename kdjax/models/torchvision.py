@@ -1,6 +1,7 @@
 """torchvision's state_dict <-> kdjax's flax variables, and torchvision's ImageNet files.
 
-The mapping is derived from the flax model itself (module ``layer1_0`` is torch's ``layer1.0``)
+The mapping is derived from the flax model itself (each entry's ``torch_name`` gives a flax
+module's torch name: ``layer1_0`` is torch's ``layer1.0``, ``features/0/1`` is ``features.0.1``)
 and is strict: every key of the file must land on a flax variable of the same shape and every
 flax variable must be filled, so a wrong architecture or a truncated file fails by key name
 instead of yielding a half-random network.
@@ -12,14 +13,13 @@ import dataclasses
 import functools
 import os
 import pathlib
-import re
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from kdjax.fetch import download, verify_sha256
-from kdjax.models import registry
+from kdjax.models import layers, registry
 from kdjax.models.torchfile import load_state_dict
 
 DEFAULT_DIR = pathlib.Path("third_party_weights")  # relative to the working directory (repo root)
@@ -86,23 +86,22 @@ def _linear_to_dense(a: np.ndarray) -> np.ndarray:
     return a.T  # torch Linear stores (out, in); flax Dense (in, out)
 
 
+# flax leaf -> torch's; any other leaf (ConvNeXt's layer_scale, ViT's class_token and
+# in_proj_weight) is a raw parameter kept in torch's name and layout.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
                "mean": "running_mean", "var": "running_var"}
-
-
-def _torch_module_name(flax_names: Sequence[str]) -> str:
-    # kdjax.models.resnet names the i-th child of a torch Sequential ``<parent>_<i>`` (layer1_0, downsample_1)
-    return ".".join(re.sub(r"_(\d+)$", r".\1", n) for n in flax_names)
 
 
 @functools.lru_cache(maxsize=None)
 def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
     """Every torchvision key of ``arch`` and where it goes, derived from the flax model itself."""
-    abstract = registry.resnet.abstract_variables(registry.create_model(arch, num_classes))
+    spec = registry.get(arch)
+    model = registry.create_model(arch, num_classes)
+    abstract = layers.abstract_variables(model, spec.input.crop_size)
     table: dict[str, _Target] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
         collection, *mods, name = (p.key for p in path)
-        module = _torch_module_name(mods)
+        module = spec.torch_name(mods)
         shape = tuple(leaf.shape)
         if name == "kernel" and len(shape) == 4:
             layout, torch_shape = _oihw_to_hwio, (shape[3], shape[2], shape[0], shape[1])
@@ -110,11 +109,17 @@ def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
             layout, torch_shape = _linear_to_dense, (shape[1], shape[0])
         else:
             layout, torch_shape = _identity, shape
-        table[f"{module}.{_TORCH_LEAF[name]}"] = _Target(
+        table[f"{module}.{_TORCH_LEAF.get(name, name)}"] = _Target(
             collection, (*mods, name), torch_shape, layout)
         if name == "mean":  # a BatchNorm: torch also saves a step counter that flax has no use for
             table[f"{module}.num_batches_tracked"] = _Target("", (), None, _identity)
     return table
+
+
+def head_key(arch: str) -> str:
+    """The torch key of ``arch``'s classifier weight (``fc.weight``, ``classifier.3.weight``)."""
+    spec = registry.get(arch)
+    return f"{spec.torch_name([spec.head])}.weight"
 
 
 _TO_TORCH = {_oihw_to_hwio: lambda a: a.transpose(3, 2, 0, 1), _linear_to_dense: lambda a: a.T,
@@ -148,16 +153,18 @@ def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "stat
     """``{'params', 'batch_stats'}`` (nested dicts of ``dtype`` numpy arrays: float32, or
     float64 for the architecture certificates of the tests) for ``arch``.
 
-    ``num_classes`` is read from ``fc.weight``. Raises :class:`WeightMappingError` naming every
-    missing, unexpected or misshaped key (shapes in torch's layout); ``source`` names the file.
+    ``num_classes`` is read from the head's weight (``fc.weight`` in a ResNet). Raises
+    :class:`WeightMappingError` naming every missing, unexpected or misshaped key (shapes in
+    torch's layout); ``source`` names the file.
     """
     if arch not in registry.ARCHS:
         raise WeightMappingError(f"unknown arch {arch!r}: expected one of {sorted(registry.ARCHS)}")
-    fc = state_dict.get("fc.weight")
+    key = head_key(arch)
+    fc = state_dict.get(key)
     if fc is None or np.ndim(fc) != 2:
         got = "missing" if fc is None else f"of shape {np.shape(fc)}"
         raise WeightMappingError(
-            f"{source}: fc.weight is {got}; a torchvision {arch} state_dict has a 2-D fc.weight, "
+            f"{source}: {key} is {got}; a torchvision {arch} state_dict has a 2-D {key}, "
             "which also gives the number of classes")
     num_classes = int(np.shape(fc)[0])
     table = _targets(arch, num_classes)

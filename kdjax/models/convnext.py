@@ -1,0 +1,3 @@
+"""torchvision's convnext architectures in flax.linen (being written)."""
+
+SPECS: dict = {}

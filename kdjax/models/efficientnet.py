@@ -1,0 +1,3 @@
+"""torchvision's efficientnet architectures in flax.linen (being written)."""
+
+SPECS: dict = {}

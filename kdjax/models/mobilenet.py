@@ -1,0 +1,3 @@
+"""torchvision's mobilenet architectures in flax.linen (being written)."""
+
+SPECS: dict = {}

@@ -1,0 +1,3 @@
+"""torchvision's vit architectures in flax.linen (being written)."""
+
+SPECS: dict = {}
