@@ -66,6 +66,7 @@ class Case:
     mode: str = "fc"
     image_size: int = 112
     batch: int = 32
+    student: str = protocol.STUDENT_ARCH
     torch_device: str = "cpu"
     threads: int = DEFAULT_THREADS
     dtype: str = "float32"
@@ -87,13 +88,14 @@ class Protocol:
 def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
     dtype = DTYPES[case.dtype]
     return train.StepSpec(
-        student_arch=protocol.STUDENT_ARCH,
-        student=models.create_model(protocol.STUDENT_ARCH, NUM_CLASSES, dtype),
+        student_arch=case.student,
+        student=models.create_model(case.student, NUM_CLASSES, dtype),
         teacher=models.create_model(protocol.TEACHER_ARCH, NUM_CLASSES, dtype),
         optim=kconfig.OptimConfig(),
         steps_per_epoch=steps_per_epoch,
         student_train=case.mode,
         image_size=case.image_size,
+        teacher_view=train.network_view(protocol.TEACHER_ARCH, case.image_size),
     )
 
 
@@ -259,6 +261,7 @@ def _reference_config(case: Case, variant: str, data_dir=None) -> tr.ReferenceCo
         data_dir=None if data_dir is None else str(data_dir),
         mode=case.mode,
         variant=variant,
+        student_arch=case.student,
         image_size=case.image_size,
         batch_size=case.batch,
         num_classes=NUM_CLASSES,
@@ -321,6 +324,7 @@ def record(name: str, framework: str, variant: str, case: Case, images: int | No
         "framework": framework,
         "variant": variant,
         "mode": case.mode,
+        "student": case.student,
         "image_size": case.image_size,
         "batch": case.batch,
         "dtype": case.dtype,
@@ -411,7 +415,7 @@ def measure_protocol(case: Case, proto: Protocol, data_dir: pathlib.Path, vector
 def _point(r: Mapping) -> tuple:
     """What makes two records comparable: the measurement, its case and, for a protocol, its size."""
     alphas = r.get("alphas")
-    return (r["name"], r["mode"], r["image_size"], r["batch"], r.get("dtype"),
+    return (r["name"], r["mode"], r.get("student", protocol.STUDENT_ARCH), r["image_size"], r["batch"], r.get("dtype"),
             None if alphas is None else tuple(alphas), r.get("runs"), r.get("epochs"))
 
 
@@ -426,7 +430,8 @@ def ratios(records: Iterable[dict]) -> list[dict]:
         for r in records:
             if r["framework"] == "torch" and _point(r) == _point(mine) and r["images_per_s"]:
                 out.append({
-                    "name": r["name"], "mode": r["mode"], "image_size": r["image_size"],
+                    "name": r["name"], "mode": r["mode"], "student": r.get("student", protocol.STUDENT_ARCH),
+                    "image_size": r["image_size"],
                     "batch": r["batch"], "dtype": r.get("dtype"), "alphas": r.get("alphas"), "runs": r.get("runs"),
                     "epochs": r.get("epochs"), "kdjax_variant": mine["variant"], "variant": r["variant"],
                     "kdjax_images_per_s": mine["images_per_s"], "torch_images_per_s": r["images_per_s"],
@@ -439,13 +444,14 @@ def markdown_table(records: Iterable[dict]) -> str:
     """The ratio table, then the protocols' wall times and the compile times."""
     records = list(records)
     lines = [
-        "| measurement | mode | px | batch | dtype | kdjax | kdjax img/s | torch variant | torch img/s | kdjax/torch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| measurement | student | mode | px | batch | dtype | kdjax | kdjax img/s | torch variant | torch img/s "
+        "| kdjax/torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ratios(records):
         name = r["name"] if r["runs"] is None else f"{r['name']} {len(r['alphas'])}x{r['runs']}x{r['epochs']}"
         lines.append(
-            f"| {name} | {r['mode']} | {r['image_size']} | {r['batch']} | {r['dtype']} | "
+            f"| {name} | {r['student']} | {r['mode']} | {r['image_size']} | {r['batch']} | {r['dtype']} | "
             f"{r['kdjax_variant']} | {r['kdjax_images_per_s']:.1f} | {r['variant']} | "
             f"{r['torch_images_per_s']:.1f} | {r['ratio']:.2f} |"
         )
@@ -462,7 +468,8 @@ def markdown_table(records: Iterable[dict]) -> str:
             f"{r.get('teacher_s', float('nan')):.1f} s)"
         )
     for r in compiles:
-        lines.append(f"kdjax {r['variant']} ({r['mode']}, {r['image_size']} px, batch "
+        lines.append(f"kdjax {r['variant']} ({r.get('student', protocol.STUDENT_ARCH)}, {r['mode']}, "
+                     f"{r['image_size']} px, batch "
                      f"{r['batch']}, {r['dtype']}): {r['median_s']:.1f} s")
     return "\n".join(lines)
 
@@ -481,17 +488,20 @@ class Plan:
 def plan(quick: bool, torch_device: str, threads: int, *, dtype: str = "float32", workers: int = 0,
          image_sizes: Sequence[int] | None = None, batches: Sequence[int] | None = None,
          modes: Sequence[str] | None = None, protocol: bool = False, protocol_runs: int | None = None,
-         protocol_epochs: int | None = None, skip: Sequence[str] = ()) -> Plan:
+         protocol_epochs: int | None = None, skip: Sequence[str] = (),
+         students: Sequence[str] = (protocol.STUDENT_ARCH,)) -> Plan:
     """The cases to run. Steps vary size x batch x mode; epochs and protocols run at the seed's
     batch 32 in its ``fc`` mode. ``image_sizes``, ``batches`` and ``modes`` replace the defaults
-    (``image_sizes`` for every measurement). A quick protocol is 1 run x 1 epoch at 112 px
+    (``image_sizes`` for every measurement); the steps run for each of ``students`` (a network
+    of one input size, ViT, at that size). A quick protocol is 1 run x 1 epoch at 112 px
     unless told otherwise; a full one is the study's 4 runs x 25 epochs at 224 px."""
     base = Case(torch_device=torch_device, threads=threads, dtype=dtype, workers=workers)
     sizes = tuple(image_sizes or ((112,) if quick else (112, 224)))
     batches = tuple(batches or ((32,) if quick else (32, 256)))
     modes = tuple(modes or (("fc",) if quick else ("fc", "all")))
-    steps = tuple(dataclasses.replace(base, mode=m, image_size=s, batch=b)
-                  for s in sizes for b in batches for m in modes)
+    steps = tuple(dataclasses.replace(base, mode=m, image_size=_size_for(a, s), batch=b, student=a)
+                  for a in students for s in sizes for b in batches for m in modes)
+    steps = tuple(dict.fromkeys(steps))  # a fixed-size student's sizes collapse into one
     epochs = () if quick else tuple(dataclasses.replace(base, image_size=s) for s in sizes)
     protocols = ()
     if protocol:
@@ -500,6 +510,11 @@ def plan(quick: bool, torch_device: str, threads: int, *, dtype: str = "float32"
     proto = Protocol(runs=protocol_runs or (1 if quick else 4), epochs=protocol_epochs or (1 if quick else 25))
     return Plan(steps=() if "step" in skip else steps, epochs=() if "epoch" in skip else epochs,
                 protocols=protocols, protocol=proto)
+
+
+def _size_for(arch: str, size: int) -> int:
+    spec = models.get(arch)
+    return spec.input.crop_size if spec.fixed_size else size
 
 
 def run(the_plan: Plan, data_dir: pathlib.Path, emit: Callable[[dict], None], *, rounds: int = 5,
@@ -539,6 +554,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="replaces the step batches")
     p.add_argument("--mode", choices=kconfig.STUDENT_TRAIN_MODES, nargs="+", default=None,
                    help="replaces the step modes")
+    p.add_argument("--student", choices=sorted(models.ARCHS), nargs="+", default=[protocol.STUDENT_ARCH],
+                   help="the step's student architectures (teacher ResNet-50); default resnet18")
     p.add_argument("--skip", choices=("step", "epoch"), nargs="+", default=(), help="measurements to leave out")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each step case")
     p.add_argument("--epoch_rounds", type=int, default=3, help="timed rounds of each epoch case")
@@ -566,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.quick, torch_device, args.threads, dtype=args.dtype, workers=args.workers,
         image_sizes=args.image_size, batches=args.batch, modes=args.mode, protocol=args.protocol,
         protocol_runs=args.protocol_runs, protocol_epochs=args.protocol_epochs, skip=args.skip,
+        students=args.student,
     )
     vectorize_choices(args.vectorize, supports_vectorize())  # a bad --vectorize fails before any work
     out = open(args.out, "a") if args.out else None

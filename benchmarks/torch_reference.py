@@ -45,6 +45,10 @@ VARIANTS = ("clean", "seed_as_executed")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FIGURES = ("epoch_loss_l", "epoch_acc_l", "epoch_acc_teacher_l", "diff_t_s")
+# The classifier of torchvision's other students (ResNets: "fc."): what the head-only modes train.
+HEADS = {"mobilenet_v2": "classifier.1.", "mobilenet_v3_small": "classifier.3.",
+         "mobilenet_v3_large": "classifier.3.", "efficientnet_b0": "classifier.1.",
+         "convnext_tiny": "classifier.2.", "vit_b_16": "heads.head."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,7 @@ class ReferenceConfig:
     teacher_seed: int = 1234  # random teacher init when no teacher_file is given
     teacher_file: str | None = None  # state_dict of a resnet50 with a num_classes head
     student_file: str | None = None  # state_dict of a resnet18 backbone (its fc is ignored)
+    student_arch: str = "resnet18"  # any torchvision classifier of HEADS or a ResNet
     channels_last: bool = False
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     device: str = "cpu"
@@ -106,8 +111,20 @@ def make_teacher(config: ReferenceConfig) -> nn.Module:
 
 
 def make_student(config: ReferenceConfig) -> nn.Module:
-    """ResNet-18 (from ``student_file`` or seeded random init) with a fresh ``Linear(512, C)``."""
+    """ResNet-18 (from ``student_file`` or seeded random init) with a fresh ``Linear(512, C)``;
+    another ``student_arch``: torchvision's, random, with a ``num_classes`` head."""
     torch.manual_seed(config.seed)
+    if config.student_arch != "resnet18":
+        _require(config.student_file is None, "--student_file: a resnet18 state_dict only")
+        builder = getattr(torchvision.models, config.student_arch)
+        if config.student_arch.startswith(("resnet", "resnext", "wide_resnet")):
+            net = builder(weights=None)
+            net.fc = nn.Linear(net.fc.in_features, config.num_classes)
+        else:
+            net = builder(weights=None, num_classes=config.num_classes)
+        if any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
+            _calibrate_bn(net, config, config.seed)
+        return _place(net, config)
     net = torchvision.models.resnet18(weights=None)
     if config.student_file:
         state = torch.load(config.student_file, map_location="cpu", weights_only=True)
@@ -240,8 +257,9 @@ class Reference:
         self.teacher.eval()
         self.student = make_student(config)
         if config.mode != "all":
+            head = HEADS.get(config.student_arch, "fc.")
             for name, p in self.student.named_parameters():
-                p.requires_grad_(name.startswith("fc."))
+                p.requires_grad_(name.startswith(head))
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.trainable, lr=config.lr, momentum=config.momentum)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.step_size, config.gamma)

@@ -51,6 +51,7 @@ class ModelMeta:
     fingerprint: str
     provenance: dict = dataclasses.field(default_factory=dict)
     format: str = FORMAT
+    interpolation: str = "bilinear"  # of the eval Resize (older directories: bilinear, all they had)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -61,7 +62,7 @@ class ModelMeta:
     @classmethod
     def from_json(cls, d: dict) -> "ModelMeta":
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(d) - {"provenance", "format"}
+        missing = fields - set(d) - {"provenance", "format", "interpolation"}
         if missing:
             raise ValueError(f"missing fields {sorted(missing)}")
         d = {k: v for k, v in d.items() if k in fields}
@@ -126,6 +127,7 @@ def save_model(
     class_names: Sequence[str],
     provenance: dict,
     image_size: int = 224,
+    inputs: models.InputSpec | None = None,
 ) -> ModelMeta:
     """Write ``{'params', 'batch_stats'}`` and ``meta.json`` to ``directory`` atomically.
 
@@ -144,7 +146,9 @@ def save_model(
             f"{num_classes} outputs"
         )
     _check_shapes(variables, arch, num_classes, directory)
-    inputs = models.get(arch).input  # what the network was trained on, recorded for prediction
+    # what the network was trained on (a known torchvision weight's own transform, else the
+    # architecture's IMAGENET1K_V1 one), recorded for prediction
+    inputs = models.get(arch).input if inputs is None else inputs
     meta = ModelMeta(
         arch=arch,
         num_classes=num_classes,
@@ -153,6 +157,7 @@ def save_model(
         resize_size=inputs.resize_for(int(image_size)),
         mean=inputs.mean,
         std=inputs.std,
+        interpolation=inputs.interpolation,
         fingerprint=fingerprint(variables),
         provenance=dict(provenance),
     )

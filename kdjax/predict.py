@@ -51,7 +51,7 @@ def predict_files(directory, paths: Sequence[str]) -> Iterable[dict | ImageReadE
     views, errors = {}, {}
     for i, path in enumerate(paths):
         try:
-            views[i] = eval_view(load_rgb(path), meta.image_size, meta.resize_size)
+            views[i] = eval_view(load_rgb(path), meta.image_size, meta.resize_size, meta.interpolation)
         except ImageReadError as err:
             errors[i] = err
         except OSError as err:  # a missing file is an OSError before PIL sees it

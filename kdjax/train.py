@@ -91,6 +91,9 @@ class StepSpec:
     student_train: str = "fc"
     loss: str = "mse"
     image_size: int = 224
+    # how each network sees the canonical batch (None: as it is; see augment.as_view)
+    student_view: augment.View | None = None
+    teacher_view: augment.View | None = None
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -155,18 +158,32 @@ def teacher_outputs(spec: StepSpec, teacher_vars, images: jax.Array) -> losses.O
     """The frozen teacher's eval-mode outputs (no gradient flows into it); None without one."""
     if spec.teacher is None:
         return None
-    out, _ = _apply(spec.teacher, teacher_vars, images, spec.taps, train=False)
+    out, _ = _apply(spec.teacher, teacher_vars, augment.as_view(images, spec.teacher_view), spec.taps,
+                    train=False)
     return jax.lax.stop_gradient(out)
 
 
-def student_forward(spec: StepSpec, variables, images: jax.Array, mask: jax.Array):
-    """The student's training-time forward pass: ``(Outputs, new batch_stats)``. BatchNorm runs
-    on batch statistics (and updates its running averages) except in ``fc_frozen_bn`` mode."""
+# The 'dropout' rng stream (dropout, stochastic depth) apart from the augmentation's.
+_DROPOUT_STREAM = 0x44524F50
+
+
+def dropout_key(seed, step) -> jax.Array:
+    """The 'dropout' rng of a run's optimiser step, from ``(seed, step)`` alone: a resumed run
+    and runs trained together draw the masks they would draw alone."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(_DROPOUT_STREAM), seed), step)
+
+
+def student_forward(spec: StepSpec, variables, images: jax.Array, mask: jax.Array, key: jax.Array):
+    """The student's training-time forward pass: ``(Outputs, new batch_stats)``. The network is
+    in train mode (dropout and stochastic depth drawn from ``key``; BatchNorm on batch statistics,
+    updating its running averages) except in ``fc_frozen_bn`` mode, where the frozen backbone
+    runs as in evaluation, as torch's ``model.eval()`` backbone would."""
+    images = augment.as_view(images, spec.student_view)
     if spec.student_train == "fc_frozen_bn":
         out, _ = _apply(spec.student, variables, images, spec.taps, train=False)
         return out, variables["batch_stats"]
     out, updates = _apply(spec.student, variables, images, spec.taps, train=True, mask=mask,
-                          mutable=["batch_stats"])
+                          mutable=["batch_stats"], rngs={"dropout": key})
     return out, updates["batch_stats"]
 
 
@@ -177,8 +194,10 @@ def student_step(
     hparams: Mapping,
     spec: StepSpec,
     forward: Callable[[dict], tuple[losses.Outputs, Any]] | None = None,
+    seed=0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The student's optimiser step on ``batch`` given the teacher's outputs on the same batch.
+    """The student's optimiser step on ``batch`` given the teacher's outputs on the same batch;
+    ``seed`` is the run's (its dropout masks come from ``dropout_key(seed, step)``).
 
     ``forward(trainable) -> (Outputs, new batch_stats)`` replaces the full forward pass when the
     caller already has the frozen part's output (the ``shared`` group mode).
@@ -188,7 +207,7 @@ def student_step(
     if forward is None:
         def forward(trainable):
             variables = {"params": {**state.params, **trainable}, "batch_stats": state.batch_stats}
-            return student_forward(spec, variables, batch.images, mask)
+            return student_forward(spec, variables, batch.images, mask, dropout_key(seed, state.step))
 
     def loss_fn(trainable):
         out, new_stats = forward(trainable)
@@ -217,10 +236,11 @@ def student_step(
 
 
 def train_step(
-    state: TrainState, teacher_vars, batch: data.Batch, hparams: Mapping, spec: StepSpec
+    state: TrainState, teacher_vars, batch: data.Batch, hparams: Mapping, spec: StepSpec, seed=0
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a (possibly padded) batch; ``batch.mask`` marks real examples."""
-    return student_step(state, batch, teacher_outputs(spec, teacher_vars, batch.images), hparams, spec)
+    return student_step(state, batch, teacher_outputs(spec, teacher_vars, batch.images), hparams, spec,
+                        seed=seed)
 
 
 # --------------------------------------------------------------------------- a group's step
@@ -286,27 +306,31 @@ def group_step(
     if mode == "single":
         batch = views(train_split, indices[0], mask[0], layout.seeds[0], epoch)
         state, metrics = train_step(_squeeze(states), teacher_vars, _constrain(batch, mesh, 0),
-                                    _squeeze(hparams), spec)
+                                    _squeeze(hparams), spec, layout.seeds[0])
         return _expand(state), _expand(metrics)
     batches = jax.vmap(lambda i, m, s: views(train_split, i, m, s, epoch))(indices, mask, layout.seeds)
     batches = _constrain(batches, mesh, 1)
     t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
     run_batches, run_t = _take((batches, t_out), layout.run_seed)
+    run_seeds = jnp.take(layout.seeds, layout.run_seed)
     if mode == "vmap":
         step = functools.partial(student_step, spec=spec)
-        return jax.vmap(step)(states, run_batches, run_t, hparams)
+        return jax.vmap(lambda *a: step(*a[:4], seed=a[4]))(states, run_batches, run_t, hparams, run_seeds)
 
     # shared: the backbone (and its BatchNorm update) once per group, then each run's head
     arch = models.get(spec.student_arch)
     backbone = dataclasses.replace(spec, student=arch.backbone(spec.student))
 
-    def features(params, stats, batch):
+    def features(params, stats, step, batch, seed):
         variables = {"params": params, "batch_stats": stats}
-        out, new_stats = student_forward(backbone, variables, batch.images, batch.mask.astype(jnp.float32))
+        out, new_stats = student_forward(backbone, variables, batch.images, batch.mask.astype(jnp.float32),
+                                         dropout_key(seed, step))
         return out.logits, new_stats
 
-    reps = _take((states.params, states.batch_stats), layout.group_rep)
-    feats, group_stats = jax.vmap(features)(*reps, _take(batches, layout.group_seed))
+    # a group's runs share their seed and step, so its representative draws every member's masks
+    reps = _take((states.params, states.batch_stats, states.step), layout.group_rep)
+    feats, group_stats = jax.vmap(features)(*reps, _take(batches, layout.group_seed),
+                                            jnp.take(layout.seeds, layout.group_seed))
     run_feats, run_stats = _take((feats, group_stats), layout.run_group)
 
     def head_step(state, batch, t, h, f, new_stats):
@@ -334,9 +358,9 @@ def group_epoch(states, teacher_vars, train_split, order, order_mask, epoch, hpa
 
 
 def eval_outputs(model: nn.Module, variables, images: jax.Array, taps: tuple[str, ...] = (),
-                 mesh=None) -> losses.Outputs:
-    """Eval-mode outputs of one batch of uint8 eval views."""
-    x = _constrain(augment.normalize(images), mesh, 0)
+                 mesh=None, view: augment.View | None = None) -> losses.Outputs:
+    """Eval-mode outputs of one batch of uint8 eval views, as the network of ``view`` sees them."""
+    x = _constrain(augment.as_view(augment.normalize(images), view), mesh, 0)
     return _apply(model, variables, x, taps, train=False)[0]
 
 
@@ -345,13 +369,13 @@ def group_eval_outputs(spec: StepSpec, variables, images: jax.Array, layout: Lay
     """``eval_outputs`` ``[K, B, ...]`` of every run's student ``variables`` ``[K]``; in the
     ``shared`` mode the backbone runs once per backbone group."""
     if mode == "single":
-        return _expand(eval_outputs(spec.student, _squeeze(variables), images, spec.taps, mesh))
+        return _expand(eval_outputs(spec.student, _squeeze(variables), images, spec.taps, mesh, spec.student_view))
     if mode == "vmap":
-        return jax.vmap(lambda v: eval_outputs(spec.student, v, images, spec.taps, mesh))(variables)
+        return jax.vmap(lambda v: eval_outputs(spec.student, v, images, spec.taps, mesh, spec.student_view))(variables)
     arch = models.get(spec.student_arch)
     backbone = arch.backbone(spec.student)
     reps = _take(variables, layout.group_rep)
-    feats = jax.vmap(lambda v: eval_outputs(backbone, v, images, (), mesh).logits)(reps)
+    feats = jax.vmap(lambda v: eval_outputs(backbone, v, images, (), mesh, spec.student_view).logits)(reps)
     run_feats = jnp.take(feats, layout.run_group, axis=0)
     head = variables["params"][arch.head]
     return losses.Outputs(jax.vmap(lambda h, f: arch.classify(spec.student, h, f))(head, run_feats))
@@ -406,14 +430,16 @@ def group_eval_metrics(s_out, t_out, labels, hparams, spec: StepSpec, mode: Grou
 _STATIC = ("spec", "mesh", "mode")
 _group_step_jit = jax.jit(group_step, static_argnames=_STATIC, donate_argnums=0)
 _group_epoch_jit = jax.jit(group_epoch, static_argnames=_STATIC, donate_argnums=0)
-_eval_outputs_jit = jax.jit(eval_outputs, static_argnums=(0, 3, 4))
+_eval_outputs_jit = jax.jit(eval_outputs, static_argnums=(0, 3, 4, 5))
 _group_eval_outputs_jit = jax.jit(group_eval_outputs, static_argnames=_STATIC)
 _group_eval_metrics_jit = jax.jit(group_eval_metrics, static_argnames=("spec", "mode"))
 
 
-def all_outputs(model, variables, images: jax.Array, batch_size: int, taps=(), mesh=None) -> losses.Outputs:
+def all_outputs(model, variables, images: jax.Array, batch_size: int, taps=(), mesh=None,
+                view: augment.View | None = None) -> losses.Outputs:
     """Eval-mode outputs for every image, in fixed-shape batches (the last one padded)."""
-    return map_eval_batches(lambda b: _eval_outputs_jit(model, variables, b, taps, mesh), images, batch_size)
+    return map_eval_batches(lambda b: _eval_outputs_jit(model, variables, b, taps, mesh, view), images,
+                            batch_size)
 
 
 # --------------------------------------------------------------------------- the host loop
@@ -584,7 +610,19 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         student_train=config.student_train,
         loss="mse" if config.distill is None else config.distill.loss,
         image_size=config.image_size,
+        student_view=network_view(student_arch, config.image_size),
+        teacher_view=None if teacher is None else network_view(teacher.arch, config.image_size),
     )
+
+
+def network_view(arch: str, image_size: int) -> augment.View | None:
+    """How ``arch`` sees the canonical ``image_size`` batch: with its own Normalize() statistics
+    and, for a network that takes one size only (ViT), resized to that size (a ViT teacher of a
+    112 px student, or fine-tuned on the students' data); None where that is the batch as it is."""
+    inputs = models.get(arch).input
+    size = inputs.crop_size if models.get(arch).fixed_size else image_size
+    view = augment.View(size, tuple(inputs.mean), tuple(inputs.std))
+    return None if view == augment.View(image_size) else view
 
 
 def tx_lr(config: TrainConfig, spe: int, epoch: int) -> float:
@@ -631,14 +669,6 @@ def _check_runs(runs: Sequence[Run], dataset: data.Dataset, student_arch: str, t
     sharding.check_batch_size(first.config.batch_size, mesh)
     if dataset["train"].train is None:
         raise ValueError("the dataset was loaded without training views for its 'train' split")
-    if teacher is not None:
-        s_in, t_in = models.get(student_arch).input, models.get(teacher.arch).input
-        if (s_in.mean, s_in.std) != (t_in.mean, t_in.std):
-            raise ValueError(
-                f"teacher {teacher.arch} and student {student_arch} normalise their inputs "
-                f"differently (mean/std {t_in.mean}/{t_in.std} against {s_in.mean}/{s_in.std}); "
-                "both see the same batch, so kdjax needs one normalisation for the pair"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -668,7 +698,8 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
         # awaited: a multi-device program still in flight when orbax's threads move arrays can
         # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
         t_val = jax.block_until_ready(
-            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh))
+            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh,
+                        spec.teacher_view))
     return _Setup(
         spec=spec, mesh=mesh,
         train_split=distributed.put_replicated(dataset["train"].train, repl),

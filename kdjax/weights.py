@@ -1,8 +1,8 @@
 """Where a run's weights come from (ImageNet, scratch, a file), and the conversion CLI.
 
-    python -m kdjax.weights convert --arch {resnet18,resnet50} --src FILE --out DIR \
-        [--class-names ants,bees]
-    python -m kdjax.weights fetch --arch {resnet18,resnet50}
+    python -m kdjax.weights convert --arch ARCH --src FILE --out DIR [--class-names ants,bees]
+    python -m kdjax.weights fetch --arch ARCH [--weights IMAGENET1K_V2]
+    python -m kdjax.weights list
     python -m kdjax.weights export --checkpoint DIR --out FILE.pth
 
 ``FILE`` is read by :mod:`kdjax.models.torchfile` (no torch, no pickled code run) and may hold a
@@ -25,18 +25,18 @@ from kdjax.models.torchfile import TorchFileError, load_state_dict, save_state_d
 from kdjax.models.torchvision import (
     DEFAULT_DIR,
     IMAGENET_WEIGHTS,
-    PretrainedFile,
     WeightMappingError,
     WeightsNotFoundError,
     _listing,
     fetch,
     from_flax,
     imagenet_variables,
+    known_weights,
     to_flax,
 )
 
 __all__ = [
-    "IMAGENET_WEIGHTS", "PretrainedFile", "WeightMappingError", "WeightsNotFoundError",
+    "IMAGENET_WEIGHTS", "WeightMappingError", "WeightsNotFoundError",
     "ClassNamesError", "to_flax", "fetch", "imagenet_variables", "load_variables",
     "initial_variables", "convert", "export", "main",
 ]
@@ -83,7 +83,9 @@ def initial_variables(
         return variables, {"init": "imagenet", "url": IMAGENET_WEIGHTS[arch].url}
     if init == "scratch":
         model = models.create_model(arch, num_classes)
-        return jax.device_get(models.init_variables(model, key, image_size)), {"init": "scratch"}
+        spec = models.get(arch)
+        size = spec.input.crop_size if spec.fixed_size else image_size
+        return jax.device_get(models.init_variables(model, key, size)), {"init": "scratch"}
     variables, _, provenance = load_variables(init, arch)
     outputs = models.num_outputs(arch, variables)
     if outputs != num_classes:
@@ -117,12 +119,16 @@ def convert(
         "source_sha256": digest,
         "converted_by": "kdjax.weights",
     }
-    for spec in IMAGENET_WEIGHTS.values():
-        if spec.sha256 == digest:
-            provenance["source_url"] = spec.url
-            provenance["source_license"] = "BSD-3-Clause (torchvision)"
+    inputs = None  # the architecture's IMAGENET1K_V1 transform, unless the file is a known one
+    known = known_weights(digest)
+    if known is not None and known.arch == arch:
+        provenance.update(source_url=known.url, source_weights=known.name,
+                          source_license="BSD-3-Clause (torchvision)")
+        inputs = models.InputSpec(crop_size=known.crop_size, resize_size=known.resize_size,
+                                  interpolation=known.interpolation)
     return checkpoint.save_model(out, variables, arch=arch, class_names=class_names,
-                                 provenance=provenance)
+                                 provenance=provenance, image_size=(inputs or models.get(arch).input).crop_size,
+                                 inputs=inputs)
 
 
 def export(checkpoint_dir: os.PathLike, out: os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
@@ -143,7 +149,7 @@ def export(checkpoint_dir: os.PathLike, out: os.PathLike) -> tuple[pathlib.Path,
         "arch": meta.arch, "torchvision_builder": models.get(meta.arch).torchvision,
         "num_classes": meta.num_classes, "class_names": list(meta.class_names),
         "eval_transform": {"resize": meta.resize_size, "crop": meta.image_size,
-                           "interpolation": models.get(meta.arch).input.interpolation,
+                           "interpolation": meta.interpolation,
                            "mean": list(meta.mean), "std": list(meta.std)},
         "fingerprint": meta.fingerprint, "provenance": meta.provenance,
         "exported_by": "kdjax.weights export", "exported_from": str(pathlib.Path(checkpoint_dir).absolute()),
@@ -172,6 +178,17 @@ def _class_names(text: str) -> list[str]:
     return names
 
 
+def _print_weights() -> None:
+    from kdjax.models import imagenet
+
+    print(f"{'arch':18s} {'weights':26s} {'acc@1':>6s}  {'eval transform':28s} {'checked by':10s} file")
+    for arch, by_name in imagenet.WEIGHTS.items():
+        for w in by_name.values():
+            transform = f"resize {w.resize_size} {w.interpolation}, crop {w.crop_size}"
+            print(f"{arch:18s} {w.name:26s} {w.acc1:6.2f}  {transform:28s} {imagenet.verification(w):10s} "
+                  f"{w.filename}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="python -m kdjax.weights", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--class-names", help="comma-separated, in output order (default class_i)")
     get = commands.add_parser("fetch", help=f"torchvision's ImageNet file -> {DEFAULT_DIR}/")
     get.add_argument("--arch", required=True, choices=sorted(IMAGENET_WEIGHTS))
+    get.add_argument("--weights", help="torchvision's weight name (default IMAGENET1K_V1; see `list`)")
+    commands.add_parser("list", help="torchvision's ImageNet weights for every architecture")
     out = commands.add_parser("export", help="kdjax model directory -> torchvision state_dict .pth + .json")
     out.add_argument("--checkpoint", required=True, type=pathlib.Path, help="a kdjax model directory")
     out.add_argument("--out", required=True, type=pathlib.Path, help="the .pth file to write")
@@ -196,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(err))
     try:
         if args.command == "fetch":
-            print(fetch(args.arch))
+            print(fetch(args.arch, name=args.weights))
+            return 0
+        if args.command == "list":
+            _print_weights()
             return 0
         if args.command == "export":
             path, sidecar = export(args.checkpoint, args.out)

@@ -8,6 +8,7 @@ tests/test_models.py; this file checks the mapping with one light eval-mode comp
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import os
 import pickle
@@ -326,8 +327,8 @@ def test_imagenet_variables_replace_the_head(tmp_path, monkeypatch):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / name)
     from kdjax.fetch import sha256_file
 
-    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "resnet18", weights.PretrainedFile(
-        weights.IMAGENET_WEIGHTS["resnet18"].url, sha256_file(tmp_path / name), 0))
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "resnet18", dataclasses.replace(
+        weights.IMAGENET_WEIGHTS["resnet18"], sha256=sha256_file(tmp_path / name)))
     full = weights.to_flax(load_state_dict(tmp_path / name), "resnet18")
 
     same = weights.imagenet_variables("resnet18", 1000, jax.random.key(0), weights_dir=tmp_path)
@@ -346,6 +347,63 @@ def test_imagenet_variables_refuse_a_corrupt_file(tmp_path):
     (tmp_path / weights.IMAGENET_WEIGHTS["resnet18"].filename).write_bytes(b"not the weights")
     with pytest.raises(DownloadError, match="SHA-256"):
         weights.imagenet_variables("resnet18", 2, jax.random.key(0), weights_dir=tmp_path)
+
+
+def test_every_architecture_has_its_imagenet_file_and_transform():
+    from kdjax.models import imagenet
+
+    assert set(weights.IMAGENET_WEIGHTS) == set(models.ARCHS)
+    for arch, w in weights.IMAGENET_WEIGHTS.items():
+        assert w.name == "IMAGENET1K_V1" and w.url.startswith("https://download.pytorch.org/models/")
+        assert len(w.hash_prefix) >= 8 and (w.sha256 is None or w.sha256.startswith(w.hash_prefix))
+        spec = models.get(arch).input  # the architecture's transform is its V1 weight's
+        assert (spec.crop_size, spec.resize_size, spec.interpolation) == (w.crop_size, w.resize_size,
+                                                                          w.interpolation), arch
+    assert imagenet.verification(weights.IMAGENET_WEIGHTS["resnet18"]) == "sha256"
+    assert imagenet.verification(weights.IMAGENET_WEIGHTS["convnext_tiny"]) == "prefix"
+
+
+def _registered_as_torchvision_file(monkeypatch, path, arch: str, name: str):
+    """Stand in for torchvision's file ``name`` of ``arch`` with the random file ``path``: the
+    table entry renamed after the file's own hash prefix (the real files cannot be fetched)."""
+    from kdjax.fetch import sha256_file
+    from kdjax.models import imagenet
+
+    w = imagenet.get(arch, name)
+    stem = w.filename.rsplit("-", 1)[0]
+    fake = dataclasses.replace(w, url=w.url.rsplit("/", 1)[0] + f"/{stem}-{sha256_file(path)[:8]}.pth")
+    monkeypatch.setitem(imagenet.WEIGHTS, arch, {**imagenet.WEIGHTS[arch], name: fake})
+    return fake
+
+
+def test_files_without_a_full_digest_are_checked_by_torchvisions_hash_prefix(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    src = tmp_path / "src.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), src)
+    fake = _registered_as_torchvision_file(monkeypatch, src, "mobilenet_v3_small", "IMAGENET1K_V1")
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "mobilenet_v3_small", fake)
+    src.rename(tmp_path / fake.filename)
+    variables = weights.imagenet_variables("mobilenet_v3_small", 2, jax.random.key(0), weights_dir=tmp_path)
+    assert models.num_outputs("mobilenet_v3_small", variables) == 2
+    (tmp_path / fake.filename).write_bytes(b"truncated")
+    with pytest.raises(DownloadError, match=f"does not start with {fake.hash_prefix}"):
+        weights.imagenet_variables("mobilenet_v3_small", 2, jax.random.key(0), weights_dir=tmp_path)
+
+
+def test_converting_a_known_torchvision_file_records_its_own_eval_transform(tmp_path, monkeypatch):
+    # resnet50 IMAGENET1K_V2 is evaluated at resize 232 (V1: 256); efficientnet_b0's is bicubic
+    torch.manual_seed(0)
+    src = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), src)
+    _registered_as_torchvision_file(monkeypatch, src, "resnet50", "IMAGENET1K_V2")
+    meta = weights.convert(src, tmp_path / "v2", arch="resnet50")
+    assert (meta.image_size, meta.resize_size, meta.interpolation) == (224, 232, "bilinear")
+    assert meta.provenance["source_weights"] == "IMAGENET1K_V2"
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), tmp_path / "b0.pth")
+    meta = weights.convert(tmp_path / "b0.pth", tmp_path / "b0", arch="efficientnet_b0")  # unknown file
+    assert (meta.resize_size, meta.interpolation) == (256, "bicubic")  # the architecture's V1 transform
+    assert "source_weights" not in meta.provenance
+    assert checkpoint.load_model(tmp_path / "b0")[2].interpolation == "bicubic"
 
 
 @pytest.mark.parametrize("arch,num_params", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])

@@ -7,11 +7,14 @@ stochastic depth off:
 - parameter counts equal torchvision's with the 1000-class head and with 2 classes;
 - the converted flax model in float64 equals torch's float64 network within 1e-6 (any
   structural mistake, a wrong padding, epsilon or activation, is >= 1e-3);
-- eval logits at the native size, float32 at highest matmul precision, within TOL of torch, or
-  no further than 2x torch's own float32 error from the float64 truth (deep random networks
-  amplify round-off in both frameworks alike);
+- eval logits at the native size, float32 at highest matmul precision, within TOL = 1e-4 of
+  torch's float32 logits (both are ~1e-6 from the float64 truth: ~10^4-term float32 sums in
+  different orders; a real mistake is >= 1e-3);
 - train mode (batch statistics) likewise, and the updated running statistics within STAT_TOL
   relative (|d| / (1 + |value|)) where the network has BatchNorm;
+
+The random networks are conditioned as trained ones are (``torch_model``): logits O(0.1-5),
+where raw torchvision initialisations give 0 (ViT), ~1e-2 (MobileNet) or ~1e5 (EfficientNet).
 - ``from_flax`` gives back the state_dict it was made from, which torchvision loads strictly.
 
 Train mode runs at 64 px where the architecture allows (ViT takes 224 only) to keep CI short.
@@ -27,7 +30,7 @@ import pytest
 from kdjax import models
 from kdjax.models import torchvision as tv
 from torch_reference import (
-    DETERMINISTIC,
+    deterministic,
     images,
     numpy_state_dict,
     running_stats,
@@ -43,22 +46,6 @@ ZOO = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet
        "vit_b_16"]
 
 
-# the arguments torchvision's builders pass on to each network class that switch dropout and
-# stochastic depth; kdjax's modules take the same names as fields
-_STOCHASTIC = {
-    "mobilenet_v2": ("dropout",), "mobilenet_v3_small": ("dropout",), "mobilenet_v3_large": ("dropout",),
-    "efficientnet_b0": ("dropout", "stochastic_depth_prob"), "convnext_tiny": ("stochastic_depth_prob",),
-    "vit_b_16": ("dropout", "attention_dropout"),
-}
-
-
-def _deterministic(arch: str, model):
-    """``model`` and torchvision's builder arguments, with dropout and stochastic depth off."""
-    off = {k: 0.0 for k in _STOCHASTIC[arch]}
-    assert set(off) <= set(DETERMINISTIC)
-    return model.clone(**off), off
-
-
 @pytest.mark.parametrize("arch", ZOO)
 def test_parameter_counts_match_torchvision(arch):
     import torchvision
@@ -72,8 +59,9 @@ def test_parameter_counts_match_torchvision(arch):
 @pytest.mark.parametrize("arch", ZOO)
 def test_the_zoo_matches_torchvision(arch):
     spec = models.get(arch)
-    model, kwargs = _deterministic(arch, models.create_model(arch, 2))
-    net = torch_model(arch, **kwargs)
+    off = deterministic(arch)
+    model = models.create_model(arch, 2).clone(**off)
+    net = torch_model(arch, **off)
     state = numpy_state_dict(net)
     native = spec.input.crop_size
 
@@ -89,12 +77,14 @@ def test_the_zoo_matches_torchvision(arch):
         v64 = tv.to_flax(state, arch, dtype=np.float64)
         got64 = np.asarray(model.clone(dtype=jnp.float64).apply(v64, jnp.asarray(x, jnp.float64), train=False))
     err64 = np.max(np.abs(got64 - truth))
-    ours = np.max(np.abs(np.asarray(model.apply(variables, jnp.asarray(x), train=False)) - truth))
-    theirs = np.max(np.abs(torch_forward(net, x) - truth))
-    print(f"{arch} {native} px eval: float64 {err64:.1e}; float32 from the truth: kdjax {ours:.1e}, "
-          f"torch {theirs:.1e} (logit scale {np.max(np.abs(truth)):.2f})")
+    got = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+    want = torch_forward(net, x)
+    ours, theirs = np.max(np.abs(got - truth)), np.max(np.abs(want - truth))
+    err = np.max(np.abs(got - want))
+    print(f"{arch} {native} px eval: float64 {err64:.1e}; float32 vs torch {err:.1e}; from the truth: kdjax "
+          f"{ours:.1e}, torch {theirs:.1e} (logit scale {np.max(np.abs(truth)):.2f})")
     assert err64 <= 1e-6
-    assert ours <= max(TOL, 2 * theirs)
+    assert err <= TOL
 
     size = native if spec.fixed_size else 64
     x = images(4, size, seed=5)
@@ -102,11 +92,12 @@ def test_the_zoo_matches_torchvision(arch):
     want = torch_forward(net, x)  # train mode: torch updates its running statistics in place
     got, updates = model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
     ours, theirs = np.max(np.abs(np.asarray(got) - truth)), np.max(np.abs(want - truth))
+    err = np.max(np.abs(np.asarray(got) - want))
     after = numpy_state_dict(net)
     stats = running_stats(arch, updates["batch_stats"])
     assert set(stats) == {k for k in after if k.endswith(("running_mean", "running_var"))}
     stat_err = stat_error(stats, after) if stats else 0.0
-    print(f"{arch} {size} px train: float32 from the truth: kdjax {ours:.1e}, torch {theirs:.1e}; "
-          f"running stats vs torch {stat_err:.1e}")
-    assert ours <= max(TOL, 2 * theirs)
-    assert stat_err <= max(STAT_TOL, 2 * theirs)
+    print(f"{arch} {size} px train: float32 vs torch {err:.1e}; from the truth: kdjax {ours:.1e}, torch "
+          f"{theirs:.1e}; running stats vs torch {stat_err:.1e}")
+    assert err <= TOL
+    assert stat_err <= STAT_TOL

@@ -7,9 +7,20 @@ import numpy as np
 import torch
 import torchvision
 
-# torchvision's builder arguments that switch off dropout and stochastic depth, which the
-# parity tests exclude (kdjax draws its masks from JAX's generator, not torch's)
-DETERMINISTIC = ("dropout", "stochastic_depth_prob", "attention_dropout")
+# The arguments torchvision's builders pass on to each network that switch dropout and
+# stochastic depth, which the parity tests exclude (kdjax draws its masks from JAX's generator,
+# not torch's); kdjax's modules take the same names as fields.
+STOCHASTIC = {
+    "mobilenet_v2": ("dropout",), "mobilenet_v3_small": ("dropout",), "mobilenet_v3_large": ("dropout",),
+    "efficientnet_b0": ("dropout", "stochastic_depth_prob"), "convnext_tiny": ("stochastic_depth_prob",),
+    "vit_b_16": ("dropout", "attention_dropout"),
+}
+
+
+def deterministic(arch: str) -> dict[str, float]:
+    """``arch``'s dropout and stochastic-depth settings, all off: kwargs for torchvision's builder
+    and fields for ``kdjax``'s ``model.clone``."""
+    return {k: 0.0 for k in STOCHASTIC.get(arch, ())}
 
 
 def torch_model(arch: str, seed: int = 0, num_classes: int = 2, **kwargs) -> torch.nn.Module:
@@ -24,7 +35,22 @@ def torch_model(arch: str, seed: int = 0, num_classes: int = 2, **kwargs) -> tor
     """
     torch.manual_seed(seed)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
-    return _randomise_norms(net, seed, 224 if arch.startswith("vit") else 64)
+    with torch.no_grad():
+        # torchvision starts some layers near zero, which would hide their mistakes: ViT's head at
+        # 0 (every logit 0), MobileNet's Linear layers at N(0, 0.01) (logits ~1e-2), ConvNeXt's
+        # Linear layers at N(0, 0.02) and its layer scales at 1e-6 (each block nearly the
+        # identity). Redrawn as a trained network has them: Linear weights N(0, 1/fan_in),
+        # layer scales U(0.1, 0.5).
+        for m in net.modules():
+            if isinstance(m, torch.nn.Linear) and float(m.weight.std()) < 0.5 / m.in_features**0.5:
+                m.weight.normal_(0.0, 1.0 / m.in_features**0.5)
+                m.bias.normal_(0.0, 0.1)
+        for name, p in net.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.1, 0.5)
+    # calibrated at the size the zoo's eval-mode certificates run (a random EfficientNet-B0
+    # calibrated at 64 px reaches logits ~1e5 at 224 px, where float32 round-off is O(1))
+    return _randomise_norms(net, seed, 224, relative=True)
 
 
 def torch_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -37,7 +63,9 @@ def torch_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
     return _randomise_norms(net, seed, 64)
 
 
-def _randomise_norms(net: torch.nn.Module, seed: int, size: int) -> torch.nn.Module:
+def _randomise_norms(net: torch.nn.Module, seed: int, size: int, relative: bool = False) -> torch.nn.Module:
+    """``relative``: the running means move by 0.05 running standard deviations rather than 0.05
+    (depthwise and SE-scaled channels of small variance blow up under an absolute shift)."""
     gen = torch.Generator().manual_seed(seed + 1)
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     norms = [m for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
@@ -54,7 +82,8 @@ def _randomise_norms(net: torch.nn.Module, seed: int, size: int) -> torch.nn.Mod
                 net(torch.randn(8, 3, size, size, generator=gen))
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
-            m.running_mean.add_(0.05 * torch.randn(m.num_features, generator=gen))
+            shift = 0.05 * torch.randn(m.num_features, generator=gen)
+            m.running_mean.add_(shift * m.running_var.sqrt() if relative else shift)
             m.running_var.mul_(torch.empty(m.num_features).uniform_(0.8, 1.25, generator=gen))
             m.num_batches_tracked.fill_(7)
     return net.eval()

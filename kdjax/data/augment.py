@@ -159,6 +159,30 @@ def random_view(
     return resized_crop(canvas, box, size, out_size, flip)
 
 
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How a network sees a batch when it differs from the canonical one (``normalize``'s
+    ImageNet statistics at the batch's size): its input side and its Normalize() statistics."""
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def as_view(x: jax.Array, view: View | None) -> jax.Array:
+    """A canonical (``normalize``d) float batch ``[B, s, s, 3]`` as the network of ``view``
+    sees the same crop: renormalised with its statistics and, where its side differs, resized
+    (bilinear, antialiased when shrinking, as torchvision's tensor ``Resize``). ``None``: as is."""
+    if view is None:
+        return x
+    if (view.mean, view.std) != (IMAGENET_MEAN, IMAGENET_STD):
+        x = x * jnp.asarray(IMAGENET_STD, x.dtype) + jnp.asarray(IMAGENET_MEAN, x.dtype)
+        x = (x - jnp.asarray(view.mean, x.dtype)) / jnp.asarray(view.std, x.dtype)
+    if x.shape[1:3] != (view.size, view.size):
+        x = jax.image.resize(x, (x.shape[0], view.size, view.size, x.shape[3]), "bilinear", antialias=True)
+    return x
+
+
 def normalize(images: jax.Array) -> jax.Array:
     """0..255 values -> ``(x / 255 - mean) / std`` float32, as ToTensor + Normalize (NHWC)."""
     x = images.astype(jnp.float32) / 255.0

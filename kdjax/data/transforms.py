@@ -40,15 +40,21 @@ def load_rgb(path: os.PathLike) -> Image.Image:
         raise ImageReadError(f"{path}: cannot read image ({err})") from err
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """torchvision ``Resize(size)`` for an int size: shorter side to ``size``, aspect kept."""
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize_shorter(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
+    """torchvision ``Resize(size, interpolation)`` of a PIL image for an int size: shorter side
+    to ``size``, aspect kept."""
+    if interpolation not in _PIL_FILTERS:
+        raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(_PIL_FILTERS)}")
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     if short == size:
         return img
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return img.resize((new_w, new_h), Image.BILINEAR)
+    return img.resize((new_w, new_h), _PIL_FILTERS[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -61,10 +67,11 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def eval_view(img: Image.Image, image_size: int = 224, resize_size: int | None = None) -> np.ndarray:
+def eval_view(img: Image.Image, image_size: int = 224, resize_size: int | None = None,
+              interpolation: str = "bilinear") -> np.ndarray:
     """The evaluation view as uint8 ``[image_size, image_size, 3]``."""
     resize_size = resize_size_for(image_size) if resize_size is None else resize_size
-    return np.asarray(center_crop(resize_shorter(img, resize_size), image_size), dtype=np.uint8)
+    return np.asarray(center_crop(resize_shorter(img, resize_size, interpolation), image_size), dtype=np.uint8)
 
 
 def normalize(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

@@ -159,7 +159,8 @@ class SqueezeExcitation(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        # pooled in float32 at least (float64 in the tests' float64 certificates)
+        s = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2), keepdims=True).astype(self.dtype)
         s = self.activation(conv(self.squeeze, 1, name="fc1", dtype=self.dtype, bias=True)(s))
         s = self.scale_activation(conv(x.shape[-1], 1, name="fc2", dtype=self.dtype, bias=True)(s))
         return x * s

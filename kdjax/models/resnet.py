@@ -135,7 +135,8 @@ class ResNet(nn.Module):
                 block = self.block(64 * 2**i, stride, self.dtype, self.groups, self.width_per_group,
                                    name=f"layer{i + 1}_{j}")
                 x = block(x, train, mask)
-            features[f"layer{i + 1}"] = features[f"stride{4 * 2**i}"] = x
+            features[f"layer{i + 1}"] = x
+        features.update({tap: features[f"layer{i + 1}"] for i, tap in enumerate(STRIDE_TAPS)})
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pool"] = x
         if self.head:

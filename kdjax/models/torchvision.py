@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from kdjax.fetch import download, verify_sha256
-from kdjax.models import layers, registry
+from kdjax.fetch import DownloadError, download, sha256_file, verify_sha256
+from kdjax.models import imagenet, layers, registry
 from kdjax.models.torchfile import load_state_dict
 
 DEFAULT_DIR = pathlib.Path("third_party_weights")  # relative to the working directory (repo root)
@@ -34,32 +34,10 @@ class WeightsNotFoundError(FileNotFoundError):
     """The ImageNet file is not on disk; the message gives the command that fetches it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainedFile:
-    url: str
-    sha256: str
-    size: int  # bytes, for the README and a sanity check by eye
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-
-# torchvision's IMAGENET1K_V1 weights. The 8 hex digits in each file name are torchvision's own
-# prefix of the file's SHA-256; the full digests are those published by third parties who
-# downloaded the files (see third_party_weights/README.md).
-IMAGENET_WEIGHTS: dict[str, PretrainedFile] = {
-    "resnet18": PretrainedFile(
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-        "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
-        46_830_571,
-    ),
-    "resnet50": PretrainedFile(
-        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
-        102_530_333,
-    ),
-}
+# The file each architecture's ``--init imagenet`` loads: torchvision's IMAGENET1K_V1 (the
+# seed study's, and the one every architecture has); ``imagenet.WEIGHTS`` lists every file.
+IMAGENET_WEIGHTS: dict[str, imagenet.Weights] = {arch: imagenet.get(arch, name) for arch, name in
+                                                 imagenet.DEFAULT.items()}
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -101,7 +79,7 @@ def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
     table: dict[str, _Target] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
         collection, *mods, name = (p.key for p in path)
-        module = spec.torch_name(mods)
+        module = spec.torch_name(mods) if mods else ""
         shape = tuple(leaf.shape)
         if name == "kernel" and len(shape) == 4:
             layout, torch_shape = _oihw_to_hwio, (shape[3], shape[2], shape[0], shape[1])
@@ -109,7 +87,8 @@ def _targets(arch: str, num_classes: int) -> dict[str, _Target]:
             layout, torch_shape = _linear_to_dense, (shape[1], shape[0])
         else:
             layout, torch_shape = _identity, shape
-        table[f"{module}.{_TORCH_LEAF.get(name, name)}"] = _Target(
+        leaf_name = _TORCH_LEAF.get(name, name)  # a top-level raw parameter (ViT's class_token) has no module
+        table[f"{module}.{leaf_name}" if mods else leaf_name] = _Target(
             collection, (*mods, name), torch_shape, layout)
         if name == "mean":  # a BatchNorm: torch also saves a step counter that flax has no use for
             table[f"{module}.num_batches_tracked"] = _Target("", (), None, _identity)
@@ -199,39 +178,73 @@ def to_flax(state_dict: dict[str, np.ndarray], arch: str, *, source: str = "stat
 
 # ----------------------------------------------------------------------------- ImageNet files
 
-def _spec(arch: str) -> PretrainedFile:
-    if arch not in IMAGENET_WEIGHTS:
-        raise ValueError(f"no ImageNet weights for arch {arch!r}: expected one of "
-                         f"{sorted(IMAGENET_WEIGHTS)}")
-    return IMAGENET_WEIGHTS[arch]
+def _weights(arch: str, name: str | None) -> imagenet.Weights:
+    if name is None:
+        if arch not in IMAGENET_WEIGHTS:
+            raise ValueError(f"no ImageNet weights for arch {arch!r}: expected one of {sorted(IMAGENET_WEIGHTS)}")
+        return IMAGENET_WEIGHTS[arch]
+    return imagenet.get(arch, name)
 
 
-def fetch(arch: str, dest_dir: os.PathLike = DEFAULT_DIR) -> pathlib.Path:
-    """Download torchvision's IMAGENET1K_V1 file for ``arch`` (checksummed); return its path.
+def _verify(path: pathlib.Path, w: imagenet.Weights) -> None:
+    """The full SHA-256 where it is known, else torchvision's hash prefix (as torch.hub does)."""
+    if imagenet.verification(w) == "sha256":
+        verify_sha256(path, w.sha256)
+        return
+    actual = sha256_file(path)
+    if not actual.startswith(w.hash_prefix):
+        raise DownloadError(
+            f"{path}: SHA-256 is {actual}, which does not start with {w.hash_prefix} as torchvision's "
+            "file name says. The file is corrupt or not the published one; delete it and fetch it again.")
+
+
+def fetch(arch: str, dest_dir: os.PathLike = DEFAULT_DIR, name: str | None = None) -> pathlib.Path:
+    """Download torchvision's ImageNet file ``name`` (default IMAGENET1K_V1) for ``arch``
+    (checksummed); return its path.
 
     A file already in ``dest_dir`` is verified, not downloaded again. Offline, raises
     :class:`kdjax.fetch.DownloadError` naming the URL and where to place the file by hand.
     """
-    spec = _spec(arch)
-    return download(spec.url, pathlib.Path(dest_dir) / spec.filename, spec.sha256)
+    w = _weights(arch, name)
+    path = download(w.url, pathlib.Path(dest_dir) / w.filename, w.sha256)
+    _verify(path, w)
+    return path
+
+
+def known_weights(digest: str) -> imagenet.Weights | None:
+    """The torchvision ImageNet file whose SHA-256 is ``digest`` (a full digest where one is
+    recorded, else the hash prefix of torchvision's file name), or None."""
+    for by_name in imagenet.WEIGHTS.values():
+        for w in by_name.values():
+            if (w.sha256 == digest) if w.sha256 else digest.startswith(w.hash_prefix):
+                return w
+    return None
 
 
 def imagenet_variables(
-    arch: str, num_classes: int, key: jax.Array, *, weights_dir: os.PathLike = DEFAULT_DIR
+    arch: str, num_classes: int, key: jax.Array, *, weights_dir: os.PathLike = DEFAULT_DIR,
+    name: str | None = None,
 ) -> dict:
-    """torchvision's ImageNet weights for ``arch``; a fresh torch-style head unless 1000 classes.
+    """torchvision's ImageNet weights ``name`` (default IMAGENET1K_V1) for ``arch``; a fresh
+    torch-style head unless 1000 classes.
 
     Never falls back to random weights: a missing file raises :class:`WeightsNotFoundError`
     with the fetch command, a corrupt one :class:`kdjax.fetch.DownloadError`.
     """
-    spec = _spec(arch)
-    path = pathlib.Path(weights_dir) / spec.filename
+    w = _weights(arch, name)
+    spec = registry.get(arch)
+    if spec.fixed_size and w.crop_size != spec.input.crop_size:
+        raise ValueError(f"{arch} {w.name} was trained at {w.crop_size} px; kdjax's {arch} takes "
+                         f"{spec.input.crop_size} px only: choose one of {sorted(imagenet.WEIGHTS[arch])} "
+                         f"trained at {spec.input.crop_size} px")
+    path = pathlib.Path(weights_dir) / w.filename
     if not path.is_file():
+        flag = "" if name is None else f" --weights {w.name}"
         raise WeightsNotFoundError(
             f"{path}: ImageNet weights for {arch} not found. Fetch them with "
-            f"`python -m kdjax.weights fetch --arch {arch}` from the repository root, or "
-            f"download {spec.url} by hand and place it at {path}.")
-    verify_sha256(path, spec.sha256)
+            f"`python -m kdjax.weights fetch --arch {arch}{flag}` from the repository root, or "
+            f"download {w.url} by hand and place it at {path}.")
+    _verify(path, w)
     variables = to_flax(load_state_dict(path), arch, source=str(path))
     if num_classes != IMAGENET_CLASSES:
         variables = registry.replace_head(arch, variables, key, num_classes)
