@@ -20,6 +20,7 @@ from kdjax import losses, models, weights
 from kdjax.models import kernels
 from kdjax.models.resnet import BatchNorm
 from torch_reference import (
+    assert_exports_back,
     images,
     numpy_state_dict,
     running_stats,
@@ -393,6 +394,7 @@ def test_the_resnet_family_matches_torchvision(arch):
         assert ours == sum(p.numel() for p in getattr(torchvision.models, arch)(num_classes=n).parameters())
     net = torch_resnet(arch)
     state = numpy_state_dict(net)
+    assert_exports_back(arch, weights.to_flax(state, arch), state)
     model = models.create_model(arch, 2)
     x = images(2, 64, seed=4)
 

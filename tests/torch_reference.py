@@ -127,3 +127,19 @@ def stat_error(ours: dict, theirs: dict) -> float:
     """max |d| / (1 + |value|) over running statistics: deep running variances reach ~10^2, where
     float32 resolves ~1e-5, so they are compared relative to their size."""
     return max(float(np.max(np.abs(ours[k] - theirs[k]) / (1 + np.abs(theirs[k])))) for k in ours)
+
+
+def assert_exports_back(arch: str, variables: dict, state: dict[str, np.ndarray]) -> None:
+    """``kdjax.models.torchvision.from_flax(variables)`` is ``state`` (the state_dict they were
+    converted from; ``num_batches_tracked``, which kdjax does not keep, aside), and
+    ``torchvision.models.<arch>(num_classes=n)`` loads it with ``strict=True``."""
+    from kdjax.models import torchvision as tv
+
+    back = tv.from_flax(variables, arch)
+    assert set(back) == set(state)
+    for k in state:
+        if not k.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    n = back[tv.head_key(arch)].shape[0]
+    getattr(torchvision.models, arch)(num_classes=n).load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in back.items()}, strict=True)
