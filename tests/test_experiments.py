@@ -71,3 +71,19 @@ def test_teacher_file_errors_name_what_to_pass(chained, capsys, tmp_path):
     assert paper.main(["--teacher_file", str(base / "teacher"), "--loss", "mse", "--temperature", "2",
                        *args]) == 2
     assert "--loss mse takes no --temperature" in capsys.readouterr().err
+
+
+def test_the_study_runs_with_any_pair(chained, capsys):
+    # the pair: a ConvNeXt-T teacher (no BatchNorm; fine-tuned first into OUT/teacher)
+    # for a MobileNetV3-Small student trained whole, through its one-example last batch
+    base, data_flags, _ = chained
+    out = base / "pair"
+    args = ["--alpha", "0.5", "--n_exp", "1", "--teacher_arch", "convnext_tiny", "--student_arch",
+            "mobilenet_v3_small", "--student_train", "all", "--out", str(out), *data_flags, *COMMON]
+    assert paper.main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extra"]["teacher_arch"] == "convnext_tiny"
+    assert checkpoint.read_meta(out / "teacher" / "best").arch == "convnext_tiny"
+    assert checkpoint.read_meta(out / "alpha_0.5" / "run_0" / "best").arch == "mobilenet_v3_small"
+    history = json.loads((out / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
+    assert math.isfinite(history[0]["train"]["loss"]) and math.isfinite(history[0]["val"]["loss"])

@@ -57,6 +57,20 @@ def test_parameter_counts_match_torchvision(arch):
         assert ours == sum(p.numel() for p in getattr(torchvision.models, arch)(num_classes=n).parameters())
 
 
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_the_head_modes_train_the_last_linear_layer(arch):
+    # --student_train fc / fc_frozen_bn optimise params[head] alone: the network's last Linear,
+    # head_width -> num_classes, and the only parameters that depend on num_classes
+    spec = models.get(arch)
+    size = spec.input.crop_size
+    two, five = (models.abstract_variables(models.create_model(arch, n), size)["params"] for n in (2, 5))
+    assert two[spec.head]["kernel"].shape == (spec.head_width, 2)
+    differ = {k for k in two if jax.tree.map(lambda a: a.shape, two[k]) != jax.tree.map(lambda a: a.shape, five[k])}
+    assert differ == {spec.head}
+    assert set(models.head_params(arch, two)) == {spec.head}
+    assert set(models.without_head(arch, {"params": two})["params"]) == set(two) - {spec.head}
+
+
 @pytest.mark.parametrize("arch", ZOO)
 def test_the_zoo_matches_torchvision(arch):
     spec = models.get(arch)

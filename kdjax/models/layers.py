@@ -206,8 +206,9 @@ def classify(model: nn.Module, head_params, features: jax.Array) -> jax.Array:
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_size: int = 224) -> dict:
-    """Fresh ``{'params', 'batch_stats'}`` with torchvision's initialisation distributions."""
-    return dict(_init(model, key, image_size))
+    """Fresh ``{'params', 'batch_stats'}`` with torchvision's initialisation distributions
+    (``batch_stats`` empty in a network without BatchNorm: ConvNeXt, ViT)."""
+    return {"batch_stats": {}, **_init(model, key, image_size)}
 
 
 # Module-level so that every run of a sweep reuses one compiled initialiser (a jit of a fresh
@@ -222,7 +223,7 @@ def abstract_variables(model: nn.Module, image_size: int = 224) -> dict:
     """Shapes and dtypes of ``init_variables`` without computing anything (memoised: checks of
     saved and loaded model directories ask for the same shapes again and again)."""
     dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy))
+    return {"batch_stats": {}, **jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)}
 
 
 def fresh_head(key: jax.Array, fan_in: int, num_classes: int) -> dict:
