@@ -53,9 +53,12 @@ def test_state_dict_file_gives_torchvision_logits(tmp_path):
     assert err <= LOGITS_TOL, f"max |logit difference| {err:.2e}"
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+# every family's module classes (torchvision.ops blocks, ViT's functools.partial norm layer)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                                  "efficientnet_b0", "convnext_tiny", "vit_b_16"])
 def test_whole_module_file_equals_its_state_dict(tmp_path, arch):
-    net = torch_resnet(arch)
+    torch.manual_seed(0)
+    net = torch_resnet(arch) if arch.startswith("resnet") else getattr(torchvision.models, arch)(num_classes=3)
     torch.save(net, tmp_path / "module.pt")
     torch.save(net.state_dict(), tmp_path / "state.pth")
 

@@ -5,6 +5,11 @@ torchvision name mapping and a torch-free reader of ``.pth`` files.
     spec        ModelSpec and InputSpec: what kdjax may know of an architecture
     layers      the shared blocks: torch's BatchNorm, Conv2dNormActivation, SqueezeExcitation, ...
     resnet      torchvision's ResNets (18-152, ResNeXt, Wide), NHWC, names mirroring the state_dict
+    mobilenet   MobileNetV2, MobileNetV3 small and large
+    efficientnet  EfficientNet-B0
+    convnext    ConvNeXt-T
+    vit         ViT-B/16 (224 px)
+    imagenet    torchvision's ImageNet weight files: URL, hash, eval transform, accuracy
     kernels     train-mode BatchNorm and max-pool formulated for XLA:CPU
     torchvision state_dict <-> flax variables, torchvision's ImageNet files
     torchfile   a safe reader of torch.save files (no torch, no pickled code run)

@@ -170,15 +170,14 @@ class ConvNeXt(nn.Module):
         """Logits, or with ``taps`` ``(logits, features)``: the four stage outputs
         ``stride4..stride32`` (NHWC, compute dtype) and ``pool``, the pooled last stage before
         ``classifier.0``'s LayerNorm."""
-        wide = jnp.promote_types(self.dtype, jnp.float32)
         outputs = _Features(self.stages, self.stochastic_depth_prob, self.dtype, name="features")(
             x.astype(self.dtype), train)
         features = dict(zip(STRIDE_TAPS, outputs))
-        x = features["pool"] = jnp.mean(outputs[-1].astype(wide), axis=(1, 2))
+        x = features["pool"] = jnp.mean(layers.widened(outputs[-1]), axis=(1, 2))
         x = _norm("classifier_0", self.dtype)(x)
         if self.head:
             x = _linear(self.num_classes, "classifier_2", self.dtype)(x)
-        x = x.astype(wide)
+        x = layers.widened(x)
         return (x, features) if taps else x
 
 

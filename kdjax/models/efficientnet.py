@@ -44,11 +44,6 @@ B0_STAGES = (
 _classifier_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
-def _pool_dtype(dtype: Dtype) -> Dtype:
-    """Where global pools and the logits are computed: float32, or float64 in float64 models."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 class MBConvBranch(nn.Module):
     """torchvision's ``MBConv.block``: 1x1 expansion, depthwise ``kernel`` convolution with the
     block's stride, squeeze-and-excitation to ``input_channels // 4``, linear 1x1 projection."""
@@ -175,13 +170,13 @@ class EfficientNet(nn.Module):
         dtype) and the pooled ``pool`` (float32)."""
         x, features = Features(self.stochastic_depth_prob, self.dtype, name="features")(
             x.astype(self.dtype), train, mask)
-        x = jnp.mean(x.astype(_pool_dtype(self.dtype)), axis=(1, 2))
+        x = jnp.mean(layers.widened(x), axis=(1, 2))
         features["pool"] = x
         x = layers.dropout(self, x, self.dropout, train)
         if self.head:
             x = nn.Dense(self.num_classes, kernel_init=_classifier_init, bias_init=nn.initializers.zeros,
                          dtype=self.dtype, param_dtype=jnp.float32, name="classifier_1")(x)
-        x = x.astype(_pool_dtype(self.dtype))
+        x = layers.widened(x)
         return (x, features) if taps else x
 
 

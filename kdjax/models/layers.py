@@ -159,11 +159,17 @@ class SqueezeExcitation(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        # pooled in float32 at least (float64 in the tests' float64 certificates)
-        s = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = jnp.mean(widened(x), axis=(1, 2), keepdims=True).astype(self.dtype)
         s = self.activation(conv(self.squeeze, 1, name="fc1", dtype=self.dtype, bias=True)(s))
         s = self.scale_activation(conv(x.shape[-1], 1, name="fc2", dtype=self.dtype, bias=True)(s))
         return x * s
+
+
+def widened(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or wider where the network computes wider: global pools and logits stay
+    float32 under bfloat16 compute and float64 in the tests' float64 certificates (whose random
+    logits, up to ~10^2, would lose the certificate's 1e-6 in float32)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:

@@ -54,12 +54,6 @@ def _linear(features: int, dtype: Dtype, name: str) -> nn.Dense:
                     dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _float32_or_wider(x: jax.Array) -> jax.Array:
-    """``x`` in float32, or float64 where the network computes in float64 (whose logits, of a random
-    network up to ~10^2, would lose the float64 certificate's precision in float32)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 class _Features(nn.Module):
     """torchvision's ``features`` Sequential: ``layers`` are ``(module factory, stride)`` pairs,
     each factory called with its name ``"0"``, ``"1"``, ...; returns the last output and, for
@@ -171,12 +165,12 @@ class MobileNetV2(nn.Module):
         stack.append((functools.partial(cna, 1280, kernel=1), 1))
         x, by_stride = _Features(tuple(stack), name="features")(x.astype(self.dtype), train, mask)
         features = {k: by_stride[k] for k in STRIDE_TAPS}
-        x = jnp.mean(_float32_or_wider(x), axis=(1, 2))
+        x = jnp.mean(layers.widened(x), axis=(1, 2))
         features["pool"] = x.astype(jnp.float32)
         x = layers.dropout(self, x, self.dropout, train)
         if self.head:
             x = _linear(self.num_classes, self.dtype, "classifier_1")(x)
-        x = _float32_or_wider(x)
+        x = layers.widened(x)
         return (x, features) if taps else x
 
 
@@ -211,13 +205,13 @@ class MobileNetV3(nn.Module):
         stack.append((functools.partial(cna, 6 * width, kernel=1), 1))
         x, by_stride = _Features(tuple(stack), name="features")(x.astype(self.dtype), train, mask)
         features = {k: by_stride[k] for k in STRIDE_TAPS}
-        x = jnp.mean(_float32_or_wider(x), axis=(1, 2))
+        x = jnp.mean(layers.widened(x), axis=(1, 2))
         features["pool"] = x.astype(jnp.float32)
         x = jax.nn.hard_swish(_linear(self.last_channel, self.dtype, "classifier_0")(x))
         x = layers.dropout(self, x, self.dropout, train)
         if self.head:
             x = _linear(self.num_classes, self.dtype, "classifier_3")(x)
-        x = _float32_or_wider(x)
+        x = layers.widened(x)
         return (x, features) if taps else x
 
 

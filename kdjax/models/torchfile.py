@@ -75,7 +75,7 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
     "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
 # Module classes are never imported; any class from these packages becomes an inert stub.
-_MODULE_PACKAGES = ("torch.nn.modules.", "torchvision.models.")
+_MODULE_PACKAGES = ("torch.nn.modules.", "torchvision.models.", "torchvision.ops.")
 # Pickled by torch < 1.6 (not a zip): the pickled magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -250,6 +250,18 @@ class _Record:
     pickled ``__dict__`` and nothing else."""
 
 
+class _Partial:
+    """An inert stand-in for ``functools.partial`` as torchvision's modules keep one
+    (ViT's ``norm_layer = partial(nn.LayerNorm, eps=1e-6)``): it receives the pickled function
+    (a module stub class), arguments and state, and can never be called."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
 class _Unpickler(pickle.Unpickler):
     """The allow-list: every global a pickle names passes through ``find_class``."""
 
@@ -272,6 +284,8 @@ class _Unpickler(pickle.Unpickler):
             return _Marker(full, _TORCH_DTYPES[name])
         if (module, name) == ("argparse", "Namespace"):
             return _Record
+        if (module, name) == ("functools", "partial"):
+            return _Partial
         if module.startswith(_MODULE_PACKAGES) and name.isidentifier() and name[:1].isupper():
             if full not in self._stubs:
                 self._stubs[full] = _StubMeta(name, (_ModuleStub,), {"torch_class": full})
