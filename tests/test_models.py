@@ -423,3 +423,27 @@ def test_the_resnet_family_matches_torchvision(arch):
           f"running stats vs torch {stat_err:.1e}")
     assert ours <= max(TOL, 2 * theirs)
     assert stat_err <= max(STAT_TOL, 2 * theirs)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 8), (7, 1, 7)])
+def test_cpu_depthwise_convolution_and_its_gradients_match_torch(kernel, stride, size):
+    # MobileNet's 3x3 (stride 1 and 2), EfficientNet's 5x5, ConvNeXt's 7x7; odd and even sides
+    import torch
+
+    rng = np.random.default_rng(kernel + stride)
+    x = rng.standard_normal((3, size, size, 8)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 1, 8)).astype(np.float32)
+    pad = (kernel - 1) // 2
+
+    def f(x, w):
+        y = kernels.depthwise_conv(x, w, stride, pad)
+        return y, jnp.sum(y * jnp.sin(y))
+
+    (y, _), grads = jax.jit(lambda x, w: (f(x, w), jax.grad(lambda *a: f(*a)[1], argnums=(0, 1))(x, w)))(x, w)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad, groups=8)
+    (yt * torch.sin(yt)).sum().backward()
+    assert np.max(np.abs(np.asarray(y) - yt.detach().permute(0, 2, 3, 1).numpy())) <= 1e-5
+    assert np.max(np.abs(np.asarray(grads[0]) - xt.grad.permute(0, 2, 3, 1).numpy())) <= 1e-4
+    assert np.max(np.abs(np.asarray(grads[1]) - wt.grad.numpy().transpose(2, 3, 1, 0))) <= 1e-4

@@ -213,3 +213,66 @@ def max_pool(x: jax.Array, kernel: int = 3, stride: int = 2, padding: int = 1) -
     return jax.lax.platform_dependent(
         x, cpu=lambda x: _max_pool_by_slices(x, kernel, stride, padding),
         default=lambda x: _reduce_window_max(x, kernel, stride, padding))
+
+
+# XLA:CPU runs a grouped convolution with one channel per group (MobileNet's, EfficientNet's and
+# ConvNeXt's depthwise convolutions) as a generic loop: a 3x3 one on 32x28x28x144 took 243 ms
+# forward against torch's 2.4 ms. As k*k shifted views times a per-channel weight, fused
+# elementwise work on the channel axis, it takes 5 ms; its input gradient is the same kind of
+# work (autodiff of the views), and its weight gradient per tap a GEMV over the positions
+# (autodiff's reduction over the batch and spatial axes is the slow scalar loop that
+# ``_example_sums`` avoids): 162 ms -> see benchmarks/README.md for the whole-network figures.
+def _depthwise_taps(x, kernel, stride: int, padding: int, dtype: Dtype):
+    """``(sum over taps of view * kernel[i, j], views)``: the views of zero-padded ``x``."""
+    k, _, _, c = kernel.shape
+    n, h, w, _ = x.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    views = [[xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :] for j in range(k)]
+             for i in range(k)]
+    kernel = kernel.astype(dtype)
+    out = sum(views[i][j] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    return out, views
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_by_taps(x, kernel, stride: int, padding: int, dtype: Dtype):
+    return _depthwise_taps(x, kernel, stride, padding, dtype)[0]
+
+
+def _depthwise_by_taps_fwd(x, kernel, stride, padding, dtype):
+    return _depthwise_taps(x, kernel, stride, padding, dtype)[0], (x, kernel)
+
+
+def _depthwise_by_taps_bwd(stride, padding, dtype, residuals, g):
+    x, kernel = residuals
+    _, pullback = jax.vjp(lambda x: _depthwise_taps(x, kernel, stride, padding, dtype)[0], x)
+    (dx,) = pullback(g)
+    _, views = _depthwise_taps(x, kernel, stride, padding, dtype)
+    k, c = kernel.shape[0], kernel.shape[-1]
+    ones = jnp.ones((g.shape[0],), jnp.float32)
+    dk = jnp.stack([jnp.stack([jnp.dot(ones, _example_sums(_channels(views[i][j] * g)), precision=_HIGHEST)
+                               for j in range(k)]) for i in range(k)])
+    return dx, dk.reshape(k, k, 1, c).astype(kernel.dtype)
+
+
+_depthwise_by_taps.defvjp(_depthwise_by_taps_fwd, _depthwise_by_taps_bwd)
+
+
+def _depthwise_by_conv(x, kernel, stride: int, padding: int, dtype: Dtype):
+    return jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dtype: Dtype = jnp.float32):
+    """torch's ``conv2d(x, kernel, stride, padding, groups=channels)`` on NHWC ``x`` with an
+    HWIO ``kernel`` ``[k, k, 1, channels]`` (no bias), computing in ``dtype``.
+
+    On CPU as shifted views times the weights (see ``_depthwise_taps``); elsewhere XLA's
+    grouped convolution.
+    """
+    x = x.astype(dtype)
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=lambda x, w: _depthwise_by_taps(x, w, stride, padding, dtype),
+        default=lambda x, w: _depthwise_by_conv(x, w, stride, padding, dtype))

@@ -120,10 +120,37 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
     given): flax's ``'SAME'`` pads asymmetrically for stride 2 and no longer computes torch's
     function."""
     pad = (kernel - 1) // 2 * dilation if padding is None else padding
+    if groups > 1 and groups == features and dilation == 1:
+        return DepthwiseConv(features, kernel, stride, pad, bias, kernel_init, dtype, name=name)
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                    kernel_dilation=(dilation, dilation), use_bias=bias, feature_group_count=groups,
                    kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype,
                    param_dtype=jnp.float32, name=name)
+
+
+class DepthwiseConv(nn.Module):
+    """torch.nn.Conv2d(c, c, kernel, stride, padding, groups=c): nn.Conv's parameters (``kernel``
+    ``[k, k, 1, c]``, ``bias``) computed by ``kernels.depthwise_conv``, which XLA:CPU runs ~50x
+    faster than its grouped convolution."""
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    use_bias: bool
+    kernel_init: Callable
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if x.shape[-1] != self.features:
+            raise ValueError(f"a depthwise convolution of {self.features} channels got {x.shape[-1]}")
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, self.features), jnp.float32)
+        y = kernels.depthwise_conv(x, kernel, self.stride, self.padding, self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
 
 
 class ConvNormActivation(nn.Module):

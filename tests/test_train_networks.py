@@ -1,4 +1,6 @@
-"""Teacher and student with different input specs: each sees the same augmented crop, normalised
+"""What each network sees and draws in the engine's step.
+
+Teacher and student with different input specs: each sees the same augmented crop, normalised
 (and, where its size differs, resized) for itself.
 
 The reference is PyTorch: the student's crop un-normalised, normalised with the teacher's
@@ -6,6 +8,9 @@ statistics, resized with ``torch.nn.functional.interpolate(mode="bilinear", anti
 (torchvision's tensor ``Resize``), then the torchvision teacher. Tolerance 1e-4 on logits, as for
 the networks themselves (the resize adds a few float32 roundings per pixel); a wrong
 normalisation or resize (align_corners, no antialias when shrinking) moves them by >= 1e-2.
+
+Dropout and stochastic depth: drawn in train mode from the run's ``(seed, step)`` alone, off in
+``fc_frozen_bn`` mode (the backbone runs as in evaluation) and in evaluation.
 """
 
 from __future__ import annotations
@@ -91,3 +96,25 @@ def test_a_network_of_one_input_size_sees_every_batch_at_that_size():
     assert train.network_view("vit_b_16", 112) == augment.View(224)
     assert train.network_view("vit_b_16", 224) is None
     assert train.network_view("convnext_tiny", 112) is None
+
+
+def test_dropout_masks_come_from_the_runs_seed_and_step():
+    config = TrainConfig(optim=OptimConfig(lr=0.01, momentum=0.9, step_size=7, gamma=0.1),
+                         distill=None, batch_size=4, image_size=32)
+    model = models.create_model("mobilenet_v3_small", 2)  # dropout 0.2 before its head
+    assert model.dropout == 0.2
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    x = jnp.asarray(images(4, 32, seed=9))
+    batch = train.data.Batch(x, jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.ones(4, bool))
+    step = jax.jit(train.train_step, static_argnames="spec")
+
+    def loss(mode: str, seed: int) -> float:
+        spec = train.StepSpec(student_arch="mobilenet_v3_small", student=model,
+                              teacher=None, optim=config.optim, steps_per_epoch=1, student_train=mode,
+                              image_size=32)
+        state = train.create_train_state(variables, spec)
+        return float(step(state, None, batch, train.hparams_for(config), spec=spec, seed=seed)[1]["loss"])
+
+    assert loss("fc", 0) == loss("fc", 0)  # reproducible: the masks depend on (seed, step) alone
+    assert loss("fc", 0) != loss("fc", 1)  # drawn in train mode, from the run's seed
+    assert loss("fc_frozen_bn", 0) == loss("fc_frozen_bn", 1)  # none: the backbone runs as in eval
