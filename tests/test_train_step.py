@@ -267,8 +267,10 @@ def test_kd_steps_match_pytorch(mode):
                   f"max|jax - torch| {np.max(np.abs(got[-1][k] - want[-1][k])):.1e}")
 
 
-@pytest.mark.parametrize("mode", ["fc", "all"])
-@pytest.mark.parametrize("student", ["resnet34", "mobilenet_v3_small", "convnext_tiny"])
+# ConvNeXt-T in `fc` only for CI's time: its `all` step takes 119 s to compile on 2 cores (it
+# passed: step-2 backbone 8.5e-4 relative Frobenius; `-k other_students` with this list extended)
+@pytest.mark.parametrize("student,mode", [("resnet34", "fc"), ("resnet34", "all"), ("mobilenet_v3_small", "fc"),
+                                          ("mobilenet_v3_small", "all"), ("convnext_tiny", "fc")])
 def test_kd_steps_match_pytorch_for_other_students(student, mode):
     # the registry's other architectures train through the same step: students of the same
     # ResNet-50 teacher (depthwise convolutions, SE blocks, hardswish; LayerNorm, GELU, layer

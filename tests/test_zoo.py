@@ -84,7 +84,7 @@ def test_the_zoo_matches_torchvision(arch):
     variables = tv.to_flax(state, arch)
     assert_exports_back(arch, variables, state)
 
-    x = images(2, native, seed=4)
+    x = images(1, native, seed=4)  # one image at the native size keeps CI short
     truth = torch64(net.eval(), x)
     with jax.enable_x64(True):
         v64 = tv.to_flax(state, arch, dtype=np.float64)
