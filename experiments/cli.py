@@ -54,12 +54,15 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_loss_flags(parser: argparse.ArgumentParser) -> None:
-    """``--loss`` and one flag per hyper-parameter, all from ``kdjax.losses.LOSSES``."""
+    """``--loss``, one flag per hyper-parameter and ``--TERM_pairs`` per feature term, all from
+    ``kdjax.losses.LOSSES``."""
     from kdjax import losses
 
-    g = parser.add_argument_group("distillation loss: alpha*CE + (1-alpha)*term")
-    g.add_argument("--loss", choices=losses.KINDS, default="mse",
-                   help="; ".join(f"{name}: {spec.help}" for name, spec in losses.LOSSES.items()))
+    g = parser.add_argument_group("distillation loss: alpha*CE + (1-alpha)*TERM, or weighted terms")
+    g.add_argument("--loss", nargs="+", default=["mse"], metavar="TERM[:WEIGHT]",
+                   help="one term (weighted by --alpha: alpha*CE + (1-alpha)*TERM) or a weighted sum such "
+                        "as 'ce:0.5 kd:0.5' or 'ce:1 at:500'. Terms: " + "; ".join(
+                            f"{name}: {spec.help}" for name, spec in losses.LOSSES.items()))
     users: dict[str, list[str]] = {}
     for name, spec in losses.LOSSES.items():
         for hp in spec.hparams:
@@ -68,19 +71,50 @@ def add_loss_flags(parser: argparse.ArgumentParser) -> None:
         first = losses.LOSSES[names[0]].hparams[hp]
         g.add_argument(f"--{hp}", type=float, default=None,
                        help=f"{first.help} for --loss {'/'.join(names)} (default {first.default:g})")
+    for name, spec in losses.LOSSES.items():
+        if spec.reads == "features":
+            g.add_argument(f"--{name}_pairs", nargs="+", default=None, metavar="STUDENT_TAP:TEACHER_TAP",
+                           help=f"the feature taps {name} compares (default: its choice for the two "
+                                f"architectures; taps are listed by kdjax.models' registry)")
+
+
+def loss_name(args: argparse.Namespace) -> str:
+    """``--loss`` as ``DistillConfig.loss`` (its tokens joined; checked there)."""
+    return " ".join(args.loss)
 
 
 def loss_hparams(args: argparse.Namespace) -> dict[str, float]:
-    """The hyper-parameter flags given for ``--loss`` (a flag of another loss is an error)."""
+    """The hyper-parameter flags given for ``--loss`` (a flag of a term not in it is an error)."""
     from kdjax import losses
 
-    declared = losses.get(args.loss).hparams
+    declared = {hp for name, _ in losses.parse(args.loss) for hp in losses.get(name).hparams}
+    if len(losses.parse(args.loss)) == 1:
+        declared |= set(losses.get("ce").hparams)  # the shorthand's cross-entropy
     given = {hp: getattr(args, hp) for spec in losses.LOSSES.values() for hp in spec.hparams
              if getattr(args, hp) is not None}
-    stray = sorted(set(given) - set(declared))
+    stray = sorted(set(given) - declared)
     if stray:
-        raise ValueError(f"--loss {args.loss} takes no {', '.join('--' + k for k in stray)}")
+        raise ValueError(f"--loss {loss_name(args)} takes no {', '.join('--' + k for k in stray)}")
     return given
+
+
+def loss_pairs(args: argparse.Namespace) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The ``--TERM_pairs`` given, as ``{term: ((student tap, teacher tap), ...)}``."""
+    from kdjax import losses
+
+    out = {}
+    for name, spec in losses.LOSSES.items():
+        given = getattr(args, f"{name}_pairs", None) if spec.reads == "features" else None
+        if not given:
+            continue
+        pairs = []
+        for token in given:
+            s_tap, sep, t_tap = token.partition(":")
+            if not sep or not s_tap or not t_tap:
+                raise ValueError(f"--{name}_pairs: {token!r} is not STUDENT_TAP:TEACHER_TAP (e.g. stride16:stride16)")
+            pairs.append((s_tap, t_tap))
+        out[name] = tuple(pairs)
+    return out
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

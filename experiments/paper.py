@@ -24,8 +24,9 @@ from kdjax.config import STUDENT_TRAIN_MODES
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n")[0])
     g = parser.add_argument_group("study")
-    g.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.5, 1.0],
-                   help="CE weight(s): loss = alpha*CE + (1-alpha)*distillation term")
+    g.add_argument("--alpha", type=float, nargs="+", default=None,
+                   help="CE weight(s) of the shorthand --loss TERM: alpha*CE + (1-alpha)*TERM "
+                        "(default 0 0.5 1); not with weighted terms (--loss ce:1 kd:1)")
     g.add_argument("--n_exp", type=int, default=4, help="independent runs per alpha (seeds seed..seed+n-1)")
     g.add_argument("--teacher_file", default=None,
                    help="the teacher: a model directory (its meta.json names the architecture), a "
@@ -58,14 +59,16 @@ def main(argv=None) -> int:
 
     try:
         cli.init_distributed(args)  # first: before anything touches the JAX backend
+        distill = DistillConfig(alpha=(args.alpha or [0.0])[0], loss=cli.loss_name(args),
+                                hparams=cli.loss_hparams(args), student_train=args.student_train,
+                                pairs=cli.loss_pairs(args))
+        alphas = args.alpha or ([distill.alpha] if distill.weighted else [0.0, 0.5, 1.0])
         config = protocol.PaperConfig(
-            alphas=tuple(args.alpha),
+            alphas=tuple(alphas),
             n_exp=args.n_exp,
             init=args.init,
             student_arch=args.student_arch,
-            train=cli.train_config(args, args.student_arch, DistillConfig(
-                alpha=args.alpha[0], loss=args.loss, hparams=cli.loss_hparams(args),
-                student_train=args.student_train)),
+            train=cli.train_config(args, args.student_arch, distill),
         )
         for alpha in config.alphas:  # validate every alpha before any work
             config.run_config(alpha, 0)
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
             teacher_path = out / "teacher" / "best"
         teacher = protocol.load_teacher(teacher_path, dataset, args.teacher_arch)
         vectorize = args.vectorize == "on" or (args.vectorize == "auto" and (
-            cli.accelerated() or train.can_share_backbone(args.student_train, args.loss)))
+            cli.accelerated() or train.can_share_backbone(args.student_train, distill.loss)))
         summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots,
                                      vectorize=vectorize, scan_epochs=cli.scan_epochs(args))
     except cli.USER_ERRORS as err:

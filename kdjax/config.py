@@ -40,23 +40,40 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """How the student learns from the teacher: ``alpha * CE + (1 - alpha) * term``, the term
-    named by ``loss`` (a ``kdjax.losses.LOSSES`` entry) with its hyper-parameters ``hparams``
-    (missing ones take the entry's defaults). ``alpha = 1`` ignores the teacher."""
+    """How the student learns from the teacher: a weighted sum of ``kdjax.losses.LOSSES`` terms.
+
+    ``loss`` is one distillation term (the seed's shorthand: ``alpha * CE + (1 - alpha) * term``)
+    or weighted terms, ``"ce:1 at:500"`` (``alpha`` is then the CE weight, 0 without one).
+    ``hparams`` are the terms' hyper-parameters (missing ones take the entries' defaults),
+    ``pairs`` a feature term's ``(student tap, teacher tap)`` pairs (missing: its default for the
+    two architectures). ``alpha = 1`` with the shorthand ignores the teacher's outputs.
+    """
 
     alpha: float = 0.5
     loss: str = "mse"
     hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
     student_train: str = "fc"
+    pairs: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _require(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        _require(self.loss in losses.LOSSES, f"--loss must be one of {losses.KINDS}, got {self.loss!r}")
+        parsed = losses.parse(self.loss)
         _require(
             self.student_train in STUDENT_TRAIN_MODES,
             f"--student_train must be one of {STUDENT_TRAIN_MODES}, got {self.student_train!r}",
         )
-        declared = losses.get(self.loss).hparams
+        if parsed[0][1] is None:  # the shorthand
+            weights = {"ce": self.alpha, parsed[0][0]: 1.0 - self.alpha}
+            loss = parsed[0][0]
+        else:
+            weights = dict(parsed)
+            loss = " ".join(f"{k}:{w:g}" for k, w in parsed)
+            object.__setattr__(self, "alpha", float(weights.get("ce", 0.0)))
+        object.__setattr__(self, "loss", loss)
+        object.__setattr__(self, "weights", weights)
+        declared: dict[str, losses.HParam] = {}
+        for name in weights:
+            declared.update(losses.get(name).hparams)
         unknown = sorted(set(self.hparams) - set(declared))
         _require(not unknown, f"--loss {self.loss} takes no {', '.join('--' + k for k in unknown)}"
                  f" (its hyper-parameters: {sorted(declared) or 'none'})")
@@ -65,13 +82,31 @@ class DistillConfig:
             declared[k].check(k, v)
         # every declared value, in declaration order (treated as immutable: hashed below)
         object.__setattr__(self, "hparams", values)
+        pairs = {name: tuple((str(s), str(t)) for s, t in p) for name, p in dict(self.pairs).items()}
+        for name in pairs:
+            _require(name in weights, f"--{name}_pairs given, but {name} is not a term of --loss {self.loss}")
+        object.__setattr__(self, "pairs", pairs)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether ``loss`` gives every weight (``"ce:1 at:500"``) rather than the alpha shorthand."""
+        return ":" in self.loss
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The objective's terms, in order (``ce`` first for the shorthand)."""
+        return tuple(self.weights)
 
     def __hash__(self):
-        return hash((self.alpha, self.loss, tuple(self.hparams.items()), self.student_train))
+        return hash((self.alpha, self.loss, tuple(self.hparams.items()), self.student_train,
+                     tuple(self.pairs.items())))
 
     def to_json(self) -> dict:
-        return {"alpha": self.alpha, "loss": self.loss, "hparams": dict(self.hparams),
-                "student_train": self.student_train}
+        d = {"alpha": self.alpha, "loss": self.loss, "hparams": dict(self.hparams),
+             "student_train": self.student_train}
+        if self.pairs:  # absent by default: earlier runs' records stay equal
+            d["pairs"] = {k: [list(p) for p in v] for k, v in self.pairs.items()}
+        return d
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,10 @@ class PaperConfig:
             raise ValueError(f"--n_exp must be >= 1, got {self.n_exp}")
         if self.train.distill is None:
             raise ValueError("PaperConfig.train needs a DistillConfig")
+        d = self.train.distill
+        if d.weighted and self.alphas != (d.alpha,):
+            raise ValueError(f"--alpha is the CE weight of the shorthand --loss TERM; --loss {d.loss} gives "
+                             f"every weight (its CE weight is {d.alpha:g}): leave --alpha out")
 
     def run_config(self, alpha: float, run: int) -> TrainConfig:
         distill = dataclasses.replace(self.train.distill, alpha=float(alpha))

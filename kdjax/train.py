@@ -70,6 +70,9 @@ class TrainState(struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
+    # the loss's trained adapters (FitNets' regressors, projectors): ``{"params", "batch_stats"}``
+    # keyed by term and pair, ``{}`` when it has none; checkpointed, never exported with the student
+    aux: Any = struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +92,40 @@ class StepSpec:
     optim: OptimConfig
     steps_per_epoch: int
     student_train: str = "fc"
-    loss: str = "mse"
+    loss: str = "mse"  # DistillConfig.loss: a term (the alpha shorthand) or weighted terms
     image_size: int = 224
     # how each network sees the canonical batch (None: as it is; see augment.as_view)
     student_view: augment.View | None = None
     teacher_view: augment.View | None = None
+    # each feature term's (student tap, teacher tap) pairs, resolved for the two architectures
+    pairs: tuple[tuple[str, losses.Pairs], ...] = ()
 
     @property
     def tx(self) -> optax.GradientTransformation:
         return make_optimizer(self.optim, self.steps_per_epoch)
 
     @property
-    def taps(self) -> tuple[str, ...]:
-        """The feature taps the loss reads from both networks (none for supervised runs)."""
-        return () if self.teacher is None else losses.get(self.loss).features
+    def objective(self) -> losses.Objective:
+        """The loss's terms and tap pairs (cross-entropy alone for supervised runs)."""
+        if self.teacher is None:
+            return losses.Objective(("ce",))
+        return losses.Objective(terms_of(self.loss), self.pairs)
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        """The feature taps the loss reads from the student (none for supervised runs)."""
+        return self.objective.student_taps
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:
+        return self.objective.teacher_taps
+
+
+@functools.lru_cache(maxsize=64)
+def terms_of(loss: str) -> tuple[str, ...]:
+    """The terms of a ``DistillConfig.loss`` in order, ``ce`` first for the alpha shorthand."""
+    parsed = losses.parse(loss)
+    return ("ce", parsed[0][0]) if parsed[0][1] is None else tuple(name for name, _ in parsed)
 
 
 def trainable_params(params: Mapping, spec: StepSpec) -> dict:
@@ -117,23 +140,106 @@ def make_optimizer(o: OptimConfig, num_steps_per_epoch: int) -> optax.GradientTr
     return optim.sgd(optim.step_lr(o.lr, o.step_size, o.gamma, num_steps_per_epoch), o.momentum, o.weight_decay)
 
 
-def create_train_state(variables: Mapping, spec: StepSpec) -> TrainState:
+# The optimiser's tree holds the adapters' parameters under this key, beside the student's.
+AUX_KEY = "distill_adapters"
+
+
+def _optimised(params: Mapping, aux: Mapping, spec: StepSpec) -> dict:
+    """What the optimiser updates: the student's trainable parameters and the adapters'."""
+    trainable = trainable_params(params, spec)
+    return {**trainable, AUX_KEY: aux["params"]} if aux else trainable
+
+
+def create_train_state(variables: Mapping, spec: StepSpec, aux: Mapping | None = None) -> TrainState:
     params = dict(variables["params"])
+    aux = dict(aux or {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=dict(variables["batch_stats"]),
-        opt_state=spec.tx.init(trainable_params(params, spec)),
+        opt_state=spec.tx.init(_optimised(params, aux, spec)),
+        aux=aux,
     )
 
 
 def hparams_for(config: TrainConfig) -> dict[str, jax.Array]:
-    """The traced scalars of a step: alpha and the loss's hyper-parameters (one compilation for
-    every value of each)."""
+    """The traced scalars of a step: every term's weight and hyper-parameters (one compilation
+    for every value of each)."""
     d = config.distill
     if d is None:
-        return {"alpha": jnp.float32(1.0)}
-    return {"alpha": jnp.float32(d.alpha), **{k: jnp.float32(v) for k, v in d.hparams.items()}}
+        return {losses.weight_key("ce"): jnp.float32(1.0), "label_smoothing": jnp.float32(0.0)}
+    return {**{losses.weight_key(k): jnp.float32(w) for k, w in d.weights.items()},
+            **{k: jnp.float32(v) for k, v in d.hparams.items()}}
+
+
+# The adapters' initialisation stream, apart from the student's and the augmentation's.
+_ADAPTER_STREAM = 0x41444150
+
+
+def adapter_modules(spec: StepSpec, student_features: Mapping, teacher_features: Mapping) -> dict:
+    """``{term: (module per pair)}`` for the objective's adapted terms, sized from the taps."""
+    obj = spec.objective
+    return {name: tuple(losses.LOSSES[name].adapter(student_features[s].shape, teacher_features[t].shape)
+                        for s, t in obj.pairs_of(name)) for name in obj.adapted}
+
+
+def feature_shapes(spec: StepSpec, image_size: int | None = None) -> tuple[dict, dict]:
+    """The student's and teacher's tapped feature shapes on a batch of one (no computation)."""
+    size = image_size or spec.image_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def shapes(model, taps, view, arch_vars):
+        return jax.eval_shape(lambda v, x: _apply(model, v, augment.as_view(x, view), taps, train=False)[0].features,
+                              arch_vars, images)
+
+    s_vars = models.abstract_variables(spec.student, _view_size(spec.student_view, size))
+    t_vars = models.abstract_variables(spec.teacher, _view_size(spec.teacher_view, size))
+    return (shapes(spec.student, spec.student_taps, spec.student_view, s_vars),
+            shapes(spec.teacher, spec.teacher_taps, spec.teacher_view, t_vars))
+
+
+def _view_size(view: augment.View | None, size: int) -> int:
+    return size if view is None else view.size
+
+
+def init_aux(spec: StepSpec, seed: int) -> dict:
+    """The adapters' fresh variables for a run of ``seed`` (``{}`` when the loss has none)."""
+    if spec.teacher is None or not spec.objective.adapted:
+        return {}
+    s_shapes, t_shapes = feature_shapes(spec)
+    key = jax.random.fold_in(jax.random.key(_ADAPTER_STREAM), seed)
+    params, stats = {}, {}
+    for name, modules in adapter_modules(spec, s_shapes, t_shapes).items():
+        for i, ((s_tap, _), module) in enumerate(zip(spec.objective.pairs_of(name), modules)):
+            x = jnp.zeros(s_shapes[s_tap].shape, jnp.float32)
+            variables = module.init(jax.random.fold_in(key, len(params) * 64 + i), x, train=False)
+            params.setdefault(name, {})[str(i)] = variables["params"]
+            stats.setdefault(name, {})[str(i)] = variables.get("batch_stats", {})
+    return {"params": params, "batch_stats": stats}
+
+
+def adapt(spec: StepSpec, aux: Mapping, student: losses.Outputs, teacher: losses.Outputs, train: bool,
+          mask=None) -> tuple[dict, Any]:
+    """The adapted terms' student maps (``{term: (map per pair)}``) and the adapters' new
+    BatchNorm statistics (updated in train mode, over the real examples of ``mask``)."""
+    if not aux:
+        return {}, aux
+    modules = adapter_modules(spec, student.features, teacher.features)
+    adapted, stats = {}, {}
+    for name, mods in modules.items():
+        maps = []
+        for i, ((s_tap, _), module) in enumerate(zip(spec.objective.pairs_of(name), mods)):
+            variables = {"params": aux["params"][name][str(i)], "batch_stats": aux["batch_stats"][name][str(i)]}
+            if train:
+                y, updates = module.apply(variables, student.features[s_tap], train=True, mask=mask,
+                                          mutable=["batch_stats"])
+                stats.setdefault(name, {})[str(i)] = updates.get("batch_stats", {})
+            else:
+                y = module.apply(variables, student.features[s_tap], train=False)
+                stats.setdefault(name, {})[str(i)] = variables["batch_stats"]
+            maps.append(y)
+        adapted[name] = tuple(maps)
+    return adapted, {"params": aux["params"], "batch_stats": stats}
 
 
 # --------------------------------------------------------------------------- one run's step
@@ -147,18 +253,21 @@ def _apply(model: nn.Module, variables, images, taps: tuple[str, ...], **kwargs)
     return losses.Outputs(logits, {k: features[k] for k in taps}), mutated
 
 
-def _loss(spec: StepSpec, student: losses.Outputs, teacher: losses.Outputs | None, labels, mask, hparams):
-    if spec.teacher is None:
-        ce = losses.cross_entropy(student.logits, labels, mask)
-        return ce, {"ce": ce}
-    return losses.blend(losses.get(spec.loss), student, teacher, labels, hparams, mask)
+def _loss(spec: StepSpec, student: losses.Outputs, teacher: losses.Outputs | None, labels, mask, hparams,
+          adapted=None):
+    return losses.total(spec.objective, student, teacher, labels, hparams, mask, adapted)
+
+
+def epoch_of(step, steps_per_epoch: int) -> jax.Array:
+    """The 1-based epoch (a float) of optimiser step ``step``: what a warm-up reads."""
+    return (jnp.asarray(step) // steps_per_epoch + 1).astype(jnp.float32)
 
 
 def teacher_outputs(spec: StepSpec, teacher_vars, images: jax.Array) -> losses.Outputs | None:
     """The frozen teacher's eval-mode outputs (no gradient flows into it); None without one."""
     if spec.teacher is None:
         return None
-    out, _ = _apply(spec.teacher, teacher_vars, augment.as_view(images, spec.teacher_view), spec.taps,
+    out, _ = _apply(spec.teacher, teacher_vars, augment.as_view(images, spec.teacher_view), spec.teacher_taps,
                     train=False)
     return jax.lax.stop_gradient(out)
 
@@ -180,9 +289,9 @@ def student_forward(spec: StepSpec, variables, images: jax.Array, mask: jax.Arra
     runs as in evaluation, as torch's ``model.eval()`` backbone would."""
     images = augment.as_view(images, spec.student_view)
     if spec.student_train == "fc_frozen_bn":
-        out, _ = _apply(spec.student, variables, images, spec.taps, train=False)
+        out, _ = _apply(spec.student, variables, images, spec.student_taps, train=False)
         return out, variables["batch_stats"]
-    out, updates = _apply(spec.student, variables, images, spec.taps, train=True, mask=mask,
+    out, updates = _apply(spec.student, variables, images, spec.student_taps, train=True, mask=mask,
                           mutable=["batch_stats"], rngs={"dropout": key})
     return out, updates["batch_stats"]
 
@@ -209,20 +318,27 @@ def student_step(
             variables = {"params": {**state.params, **trainable}, "batch_stats": state.batch_stats}
             return student_forward(spec, variables, batch.images, mask, dropout_key(seed, state.step))
 
-    def loss_fn(trainable):
-        out, new_stats = forward(trainable)
-        loss, terms = _loss(spec, out, t_out, labels, mask, hparams)
-        return loss, (terms, out.logits, new_stats)
+    hparams = {**hparams, "epoch": epoch_of(state.step, spec.steps_per_epoch)}
 
-    trainable = trainable_params(state.params, spec)
-    (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = spec.tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    def loss_fn(optimised):
+        trainable = {k: v for k, v in optimised.items() if k != AUX_KEY}
+        out, new_stats = forward(trainable)
+        aux = {**state.aux, "params": optimised[AUX_KEY]} if state.aux else state.aux
+        adapted, new_aux = adapt(spec, aux, out, t_out, True, mask)
+        loss, terms = _loss(spec, out, t_out, labels, mask, hparams, adapted)
+        return loss, (terms, out.logits, new_stats, new_aux)
+
+    optimised = _optimised(state.params, state.aux, spec)
+    (loss, (terms, logits, new_stats, new_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(optimised)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, optimised)
+    optimised = optax.apply_updates(optimised, updates)
+    trainable = {k: v for k, v in optimised.items() if k != AUX_KEY}
     new_state = state.replace(
         step=state.step + 1,
         params={**state.params, **trainable},
         batch_stats=new_stats,
         opt_state=opt_state,
+        aux={"params": optimised[AUX_KEY], "batch_stats": new_aux["batch_stats"]} if state.aux else state.aux,
     )
     count = jnp.sum(mask)
     metrics = {
@@ -369,9 +485,11 @@ def group_eval_outputs(spec: StepSpec, variables, images: jax.Array, layout: Lay
     """``eval_outputs`` ``[K, B, ...]`` of every run's student ``variables`` ``[K]``; in the
     ``shared`` mode the backbone runs once per backbone group."""
     if mode == "single":
-        return _expand(eval_outputs(spec.student, _squeeze(variables), images, spec.taps, mesh, spec.student_view))
+        return _expand(eval_outputs(spec.student, _squeeze(variables), images, spec.student_taps, mesh,
+                                    spec.student_view))
     if mode == "vmap":
-        return jax.vmap(lambda v: eval_outputs(spec.student, v, images, spec.taps, mesh, spec.student_view))(variables)
+        return jax.vmap(lambda v: eval_outputs(spec.student, v, images, spec.student_taps, mesh,
+                                               spec.student_view))(variables)
     arch = models.get(spec.student_arch)
     backbone = arch.backbone(spec.student)
     reps = _take(variables, layout.group_rep)
@@ -396,14 +514,15 @@ def map_eval_batches(fn: Callable[[jax.Array], Any], images: jax.Array, batch_si
 
 
 def eval_metrics(s_out: losses.Outputs, t_out: losses.Outputs | None, labels, hparams,
-                 spec: StepSpec) -> dict[str, jax.Array]:
+                 spec: StepSpec, aux=None) -> dict[str, jax.Array]:
     """Validation figures over the whole set (every example counted exactly once).
 
     ``diff_t_s`` is the mean |teacher - student| logit difference over all examples and classes
     (the seed took it on its last val batch only). ``agreement`` is teacher-student top-1
     agreement and ``kl_t_s`` the mean KL(softmax(t) || softmax(s)) at T = 1.
     """
-    loss, terms = _loss(spec, s_out, t_out, labels, None, hparams)
+    adapted, _ = adapt(spec, aux or {}, s_out, t_out, False)
+    loss, terms = _loss(spec, s_out, t_out, labels, None, hparams, adapted)
     s_logits = s_out.logits
     out = {"loss": loss, **terms, "acc": jnp.mean(jnp.argmax(s_logits, -1) == labels)}
     if t_out is not None:
@@ -417,12 +536,16 @@ def eval_metrics(s_out: losses.Outputs, t_out: losses.Outputs | None, labels, hp
     return out
 
 
-def group_eval_metrics(s_out, t_out, labels, hparams, spec: StepSpec, mode: GroupMode = "vmap"):
-    """``eval_metrics`` of every run: ``s_out`` ``[K, N, ...]``, ``hparams`` ``[K]``."""
+def group_eval_metrics(s_out, t_out, labels, hparams, spec: StepSpec, mode: GroupMode = "vmap", aux=None):
+    """``eval_metrics`` of every run: ``s_out`` ``[K, N, ...]``, ``hparams`` and ``aux`` ``[K]``
+    (``hparams`` with the 1-based ``epoch`` of the evaluation)."""
+    aux = {} if aux is None else aux
     if mode == "single":
-        return _expand(eval_metrics(_squeeze(s_out), t_out, labels, _squeeze(hparams), spec))
-    metrics = functools.partial(eval_metrics, spec=spec)
-    return jax.vmap(metrics, in_axes=(0, None, None, 0))(s_out, t_out, labels, hparams)
+        return _expand(eval_metrics(_squeeze(s_out), t_out, labels, _squeeze(hparams), spec, _squeeze(aux)))
+    def metrics(s, t, y, h, a):
+        return eval_metrics(s, t, y, h, spec, a)
+
+    return jax.vmap(metrics, in_axes=(0, None, None, 0, 0))(s_out, t_out, labels, hparams, aux)
 
 
 # Compiled once per process for each distinct (spec, mode, shapes, shardings): every group with
@@ -612,6 +735,9 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         image_size=config.image_size,
         student_view=network_view(student_arch, config.image_size),
         teacher_view=None if teacher is None else network_view(teacher.arch, config.image_size),
+        pairs=() if teacher is None else losses.objective(
+            terms_of(config.distill.loss), config.distill.pairs, models.get(student_arch).taps,
+            models.get(teacher.arch).taps).pairs,
     )
 
 
@@ -649,6 +775,7 @@ def recipe_key(config: TrainConfig) -> dict:
     if d["distill"] is not None:
         d["distill"].pop("alpha")
         d["distill"].pop("hparams")
+        d["distill"]["loss"] = list(terms_of(config.distill.loss))  # the weights are traced
     return d
 
 
@@ -698,7 +825,7 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
         # awaited: a multi-device program still in flight when orbax's threads move arrays can
         # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
         t_val = jax.block_until_ready(
-            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.taps, mesh,
+            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.teacher_taps, mesh,
                         spec.teacher_view))
     return _Setup(
         spec=spec, mesh=mesh,
@@ -745,7 +872,7 @@ def layout_for(runs: Sequence[Run], states: Sequence[TrainState], student_arch: 
 def can_share_backbone(student_train: str, loss: str | None) -> bool:
     """Whether runs of this recipe that start from one backbone can share its forward pass: a
     frozen backbone (``fc``, ``fc_frozen_bn``) and a loss that reads logits only."""
-    reads_features = loss is not None and bool(losses.get(loss).features)
+    reads_features = loss is not None and any(losses.get(t).reads == "features" for t in terms_of(loss))
     return student_train in ("fc", "fc_frozen_bn") and not reads_features
 
 
@@ -825,8 +952,10 @@ def _train_group(setup: _Setup, members: Sequence[tuple[int, Run, RunStore, Any]
         ]
         s_val = group_val_outputs(spec, states, setup.val_images, layout, config.batch_size, mesh, mode)
         s_vars = {"params": states.params, "batch_stats": states.batch_stats}
-        val = distributed.to_host(_group_eval_metrics_jit(s_val, setup.t_val, setup.val_labels, hparams,
-                                                          spec=spec, mode=mode))
+        eval_hparams = {**hparams, "epoch": distributed.put_replicated(np.full((k_runs,), epoch + 1, np.float32),
+                                                                        repl)}
+        val = distributed.to_host(_group_eval_metrics_jit(s_val, setup.t_val, setup.val_labels, eval_hparams,
+                                                          spec=spec, mode=mode, aux=states.aux))
         seconds = (time.perf_counter() - t0) / k_runs
         for i, (index, run, store, _) in enumerate(members):
             record = epoch_record(run.config, spe, epoch, train_figures[i],
@@ -900,7 +1029,7 @@ def train_runs(
             stores.append(store)
             # Fresh state from host copies: device_put may alias, and the step donates its state.
             host = jax.tree_util.tree_map(np.asarray, dict(r.student_variables))
-            state = distributed.put_replicated(create_train_state(host, spec), repl)
+            state = distributed.put_replicated(create_train_state(host, spec, init_aux(spec, r.config.seed)), repl)
             abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
             restored = store.restore(abstract)
             states.append(state if restored is None else restored)

@@ -1,13 +1,14 @@
 """kdjax.losses' registry as the engine uses it: configs, flags, traced hyper-parameters, and a
 loss that reads feature taps (what a feature method plugs into).
 
-The parity of mse and kl with PyTorch is tests/test_losses.py; here the interface.
+The parity of every term with PyTorch and torchdistill is tests/test_losses.py; here the interface.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,66 +21,97 @@ from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
 
 def test_config_fills_defaults_and_refuses_what_the_loss_does_not_take():
-    assert DistillConfig(loss="kl").hparams == {"temperature": 4.0}
-    assert DistillConfig(loss="kl", hparams={"temperature": 2}).hparams == {"temperature": 2.0}
-    assert DistillConfig(loss="mse").hparams == {}
+    assert DistillConfig(loss="kd").hparams == {"label_smoothing": 0.0, "temperature": 4.0}
+    assert DistillConfig(loss="kl", hparams={"temperature": 2}).hparams["temperature"] == 2.0  # the old name
+    assert DistillConfig(loss="kl").loss == "kd"
+    assert DistillConfig(loss="mse").hparams == {"label_smoothing": 0.0}
     with pytest.raises(ValueError, match="--loss mse takes no --temperature"):
         DistillConfig(loss="mse", hparams={"temperature": 2.0})
     with pytest.raises(ValueError, match="--temperature must be > 0"):
-        DistillConfig(loss="kl", hparams={"temperature": 0.0})
-    with pytest.raises(ValueError, match="--loss must be one of"):
+        DistillConfig(loss="kd", hparams={"temperature": 0.0})
+    with pytest.raises(ValueError, match="unknown distillation loss kind 'hinton'"):
         DistillConfig(loss="hinton")
     # equal configs are equal and hash alike (a run's identity, the sweep's recipe key)
-    a, b = DistillConfig(loss="kl", hparams={"temperature": 3}), DistillConfig(loss="kl", hparams={"temperature": 3.0})
+    a, b = DistillConfig(loss="kd", hparams={"temperature": 3}), DistillConfig(loss="kd", hparams={"temperature": 3.0})
     assert a == b and hash(a) == hash(b)
+
+
+def test_weighted_terms_and_the_alpha_shorthand():
+    shorthand = DistillConfig(alpha=0.3, loss="kd")
+    assert shorthand.weights == {"ce": 0.3, "kd": 0.7} and not shorthand.weighted
+    weighted = DistillConfig(loss="ce:1 at:500 kd:0.5")
+    assert weighted.weights == {"ce": 1.0, "at": 500.0, "kd": 0.5} and weighted.alpha == 1.0
+    assert weighted.loss == "ce:1 at:500 kd:0.5" and weighted.terms == ("ce", "at", "kd")
+    assert DistillConfig(loss="dkd:1").alpha == 0.0  # no cross-entropy
+    for bad, message in [("ce:1", "has no distillation term"), ("ce", "alone is supervised"),
+                         ("ce:1 kd", "has no weight"), ("ce:x kd:1", "must be a number"),
+                         ("ce:1 kd:-1", "must be >= 0"), ("kd:1 kd:2", "names kd twice"), ("", "is empty")]:
+        with pytest.raises(ValueError, match=message):
+            DistillConfig(loss=bad)
+    with pytest.raises(ValueError, match="--fitnet_pairs given, but fitnet is not a term"):
+        DistillConfig(loss="kd", pairs={"fitnet": (("stride16", "stride16"),)})
 
 
 def test_flags_come_from_the_registry(capsys):
     parser = argparse.ArgumentParser()
     cli.add_loss_flags(parser)
-    assert parser.parse_args(["--loss", "kl", "--temperature", "2"]).temperature == 2.0
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--loss", "nope"])
-    assert "invalid choice" in capsys.readouterr().err
+    args = parser.parse_args(["--loss", "kd", "--temperature", "2"])
+    assert args.temperature == 2.0 and cli.loss_name(args) == "kd"
+    assert cli.loss_hparams(args) == {"temperature": 2.0}
     with pytest.raises(ValueError, match="--loss mse takes no --temperature"):
         cli.loss_hparams(parser.parse_args(["--loss", "mse", "--temperature", "2"]))
+    args = parser.parse_args(["--loss", "ce:1", "fitnet:2", "--fitnet_pairs", "layer3:layer3", "--label_smoothing",
+                              "0.1"])
+    assert cli.loss_name(args) == "ce:1 fitnet:2"
+    assert cli.loss_pairs(args) == {"fitnet": (("layer3", "layer3"),)}
+    assert cli.loss_hparams(args) == {"label_smoothing": 0.1}
+    with pytest.raises(ValueError, match="is not STUDENT_TAP:TEACHER_TAP"):
+        cli.loss_pairs(parser.parse_args(["--loss", "ce:1", "at:1", "--at_pairs", "layer3"]))
 
 
-def test_every_declared_hyper_parameter_is_traced():
-    config = TrainConfig(distill=DistillConfig(loss="kl", hparams={"temperature": 3.0}))
+def test_every_weight_and_hyper_parameter_is_traced():
+    config = TrainConfig(distill=DistillConfig(loss="kd", hparams={"temperature": 3.0}))
     hparams = train.hparams_for(config)
-    assert set(hparams) == {"alpha", "temperature"}
+    assert set(hparams) == {"weight_ce", "weight_kd", "label_smoothing", "temperature"}
     assert all(isinstance(v, jax.Array) for v in hparams.values())
-    # what differs between runs trained together: seed, alpha and every hyper-parameter
+    # what differs between runs trained together: seed, weights and every hyper-parameter
     other = dataclasses.replace(config, seed=3, distill=dataclasses.replace(config.distill, alpha=0.1,
                                                                             hparams={"temperature": 9.0}))
     assert train.recipe_key(config) == train.recipe_key(other)
+    a = TrainConfig(distill=DistillConfig(loss="ce:1 dkd:1"))
+    b = TrainConfig(distill=DistillConfig(loss="ce:0.5 dkd:2", hparams={"dkd_beta": 0.5}))
+    assert train.recipe_key(a) == train.recipe_key(b)
+    assert train.recipe_key(a) != train.recipe_key(TrainConfig(distill=DistillConfig(loss="ce:1 kd:1")))
 
 
-def _pool_term(student, teacher, mask, hparams):
-    """A feature term for the test: the mean squared difference of the pooled features."""
-    diff = jnp.sum(jnp.square(student.features["pool"] - teacher.features["pool"]), axis=-1)
-    return hparams["weight"] * losses.masked_mean(diff, mask)
+def test_default_tap_pairs_exist_for_every_registered_pair():
+    """Each feature term's default pairs name taps both networks have, for every teacher/student
+    pair of the registry (a ViT's patch grid is its stride16 tap)."""
+    for name in ("fitnet", "at", "pooled"):
+        for s_arch, t_arch in itertools.product(models.ARCHS, repeat=2):
+            obj = losses.objective((name,), None, models.get(s_arch).taps, models.get(t_arch).taps)
+            assert obj.pairs_of(name), (name, s_arch, t_arch)
+    obj = losses.objective(("ce", "at"), None, models.get("resnet18").taps, models.get("vit_b_16").taps)
+    assert obj.pairs_of("at") == (("stride16", "stride16"),)
+    with pytest.raises(ValueError, match="the teacher has no tap 'layer9'"):
+        losses.objective(("at",), {"at": (("layer3", "layer9"),)}, models.get("resnet18").taps,
+                         models.get("resnet50").taps)
 
 
-FEATURE_LOSS = losses.LossSpec("pool_mse", _pool_term, "test: pooled-feature MSE",
-                               hparams={"weight": losses.HParam(1.0, "scale")}, features=("pool",))
-
-
-def test_a_loss_reading_feature_taps_gets_them_from_both_networks(monkeypatch):
-    monkeypatch.setitem(losses.LOSSES, "pool_mse", FEATURE_LOSS)
+def test_a_feature_loss_gets_its_taps_from_both_networks():
+    """A step of ``ce:0.25 at:0.75`` equals the loss computed by hand from the networks' own taps."""
     config = TrainConfig(optim=OptimConfig(lr=0.01), batch_size=4, image_size=32,
-                         distill=DistillConfig(alpha=0.25, loss="pool_mse", hparams={"weight": 2.0},
-                                               student_train="all"))
+                         distill=DistillConfig(loss="ce:0.25 at:0.75", student_train="all"))
     student = models.create_model("resnet18", 2)
     teacher = models.create_model("resnet18", 2)
-    spec = train.StepSpec("resnet18", student, teacher, config.optim, 1, "all", "pool_mse", 32)
-    assert spec.taps == ("pool",)
+    pairs = (("at", (("layer3", "layer3"), ("layer4", "layer4"))),)
+    spec = train.StepSpec("resnet18", student, teacher, config.optim, 1, "all", config.distill.loss, 32, pairs=pairs)
+    assert spec.student_taps == spec.teacher_taps == ("layer3", "layer4")
     s_vars = models.init_variables(student, jax.random.key(0), 32)
     t_vars = models.init_variables(teacher, jax.random.key(1), 32)
     rng = np.random.default_rng(0)
     batch = data.Batch(jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
-                             jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.asarray([True, True, True, False]))
+                       jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.asarray([True, True, True, False]))
     hparams = train.hparams_for(config)
     _, metrics = jax.jit(train.train_step, static_argnames="spec")(
         train.create_train_state(s_vars, spec), t_vars, batch, hparams, spec=spec)
@@ -89,14 +121,20 @@ def test_a_loss_reading_feature_taps_gets_them_from_both_networks(monkeypatch):
     (s_logits, s_feats), _ = student.apply(s_vars, batch.images, train=True, mask=batch.mask, taps=True,
                                            mutable=["batch_stats"])
     _, t_feats = teacher.apply(t_vars, batch.images, train=False, taps=True)
-    term = 2.0 * np.sum(np.sum((s_feats["pool"] - t_feats["pool"]) ** 2, -1) * mask) / mask.sum()
+
+    def at(f):
+        a = np.mean(np.asarray(f, np.float64) ** 2, -1).reshape(4, -1)
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    term = sum(np.sum(np.mean((at(s_feats[k]) - at(t_feats[k])) ** 2, -1) * mask) / mask.sum()
+               for k in ("layer3", "layer4"))
     ce = float(losses.cross_entropy(s_logits, batch.labels, mask))
     np.testing.assert_allclose(float(metrics["loss"]), 0.25 * ce + 0.75 * term, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["pool_mse_sum"]) / 3, term, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["at_sum"]) / 3, term, rtol=1e-5)
     assert float(metrics["ce_sum"]) / 3 == pytest.approx(ce, rel=1e-5)
     # runs reading features never share a frozen backbone (its taps are per run)
     assert train.group_mode(dataclasses.replace(spec, student_train="fc"), 4, True) == "vmap"
-    assert train.group_mode(dataclasses.replace(spec, loss="mse", student_train="fc"), 4, True) == "shared"
+    assert train.group_mode(dataclasses.replace(spec, loss="mse", pairs=(), student_train="fc"), 4, True) == "shared"
 
 
 def test_the_resnet_taps_are_the_registered_ones():

@@ -152,3 +152,30 @@ def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(tmp_path):
         train.summarize_steps(steps, 0, tmp_path)
     with pytest.raises(train.NonFiniteLossError, match=r"the last good checkpoint is epoch 3 in"):
         train.summarize_steps(steps, 3, tmp_path)
+
+
+def test_feature_losses_train_their_adapters_and_export_the_student_alone(dataset, tmp_path):
+    """``ce:1 fitnet:1 pooled:0.5``: every term is logged per epoch (train and val); the FitNet
+    regressor and the projector are trained with the student and checkpointed in its train state
+    (a resumed run continues them), and the exported best model is the student alone."""
+    config = _config(distill=DistillConfig(loss="ce:1 fitnet:1 pooled:0.5", student_train="all",
+                                           pairs={"fitnet": (("layer3", "layer3"),)}))
+    result = train.train_and_evaluate(config, tmp_path, dataset, _student(), teacher=_teacher())
+    for record in result.history:
+        assert set(record["train"]) >= {"loss", "ce", "fitnet", "pooled"}
+        assert set(record["val"]) >= {"loss", "ce", "fitnet", "pooled", "agreement"}
+        v = record["val"]
+        assert v["loss"] == pytest.approx(v["ce"] + v["fitnet"] + 0.5 * v["pooled"], rel=1e-5)
+
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
+    spec = train.step_spec_for(config, dataset, "resnet18", _teacher())
+    fresh = train.init_aux(spec, config.seed)
+    assert set(saved["aux"]["params"]) == {"fitnet", "pooled"}
+    kernel = saved["aux"]["params"]["fitnet"]["0"]["conv"]["kernel"]
+    assert kernel.shape == (1, 1, 256, 256)  # layer3 -> layer3 of two ResNet-18s
+    assert not np.allclose(kernel, fresh["params"]["fitnet"]["0"]["conv"]["kernel"])  # trained
+    assert not np.allclose(saved["aux"]["batch_stats"]["fitnet"]["0"]["bn"]["mean"], 0.0)  # statistics updated
+    _, variables, _ = checkpoint.load_model(tmp_path / "best")
+    assert jax.tree.structure(variables) == jax.tree.structure(_student())

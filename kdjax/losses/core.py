@@ -28,12 +28,17 @@ def masked_mean(per_example: jax.Array, mask: jax.Array | None, scale: int = 1) 
     return total / (scale * jnp.maximum(jnp.sum(m), 1.0))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean cross-entropy with integer labels.
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
+                  label_smoothing: float | jax.Array = 0.0) -> jax.Array:
+    """Mean cross-entropy with integer labels, optionally against smoothed targets.
 
-    ``CE = mean_i [ -log_softmax(z_i)[y_i] ]``, the mean over real examples.
-    Reference: ``torch.nn.CrossEntropyLoss()(logits, labels)`` (reduction ``"mean"``).
+    ``CE = mean_i [ (1 - eps) * -log_softmax(z_i)[y_i] + eps * mean_c -log_softmax(z_i)[c] ]``,
+    the mean over real examples (``eps = label_smoothing``; 0 is the plain cross-entropy).
+    Reference: ``torch.nn.CrossEntropyLoss(label_smoothing=eps)(logits, labels)`` (Szegedy et al.,
+    2016: the target is ``(1 - eps) * onehot + eps / C``).
     """
     logp = jax.nn.log_softmax(as_float(logits), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return masked_mean(nll, mask)
+    eps = jnp.asarray(label_smoothing).astype(logp.dtype)
+    per_example = (1.0 - eps) * nll + eps * -jnp.mean(logp, axis=-1)
+    return masked_mean(per_example, mask)

@@ -176,7 +176,9 @@ class VisionTransformer(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
                  taps: bool = False):
         """Logits, or with ``taps`` ``(logits, features)``: ``tokens``, the encoder's output
-        ``[batch, 1 + patches, hidden_dim]`` (compute dtype), and ``pool``, its class token
+        ``[batch, 1 + patches, hidden_dim]`` (compute dtype), ``stride16``, its patch tokens as the
+        ``[batch, grid, grid, hidden_dim]`` map a CNN's stride-16 tap is (for feature losses with CNN
+        partners; named for ViT-B/16's patch size), and ``pool``, its class token
         (float32, the head's input). ``mask`` is unused: no layer reads batch statistics."""
         del mask
         if x.shape[1:3] != (self.image_size, self.image_size):
@@ -190,7 +192,9 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(token.astype(self.dtype), (batch, 1, self.hidden_dim)), x], axis=1)
         x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
                     self.dtype, name="encoder")(x, train)
-        features = {"tokens": x, "pool": x[:, 0].astype(jnp.float32)}
+        grid = self.image_size // self.patch_size
+        features = {"tokens": x, "stride16": x[:, 1:].reshape(batch, grid, grid, self.hidden_dim),
+                    "pool": x[:, 0].astype(jnp.float32)}
         if self.head:
             # from the class token in the compute dtype, so that float64 logits keep float64
             # precision; up to float32 the same function as ``classify`` on ``pool``
@@ -209,7 +213,7 @@ SPECS = {
         head="heads_head",
         head_width=768,
         input=InputSpec(crop_size=224, resize_size=256, interpolation="bilinear"),  # IMAGENET1K_V1
-        taps=("tokens", "pool"),
+        taps=("tokens", "stride16", "pool"),
         backbone=layers.without_head,
         classify=layers.classify,
         torchvision="vit_b_16",
