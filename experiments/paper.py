@@ -28,13 +28,17 @@ def main(argv=None) -> int:
                    help="CE weight(s) of the shorthand --loss TERM: alpha*CE + (1-alpha)*TERM "
                         "(default 0 0.5 1); not with weighted terms (--loss ce:1 kd:1)")
     g.add_argument("--n_exp", type=int, default=4, help="independent runs per alpha (seeds seed..seed+n-1)")
-    g.add_argument("--teacher_file", default=None,
-                   help="the teacher: a model directory (its meta.json names the architecture), a "
+    g.add_argument("--teacher_file", nargs="+", default=None,
+                   help="the teacher(s): a model directory (its meta.json names the architecture), a "
                         "training run's directory (its best/), or a PyTorch file of --teacher_arch "
-                        "(state_dict or whole model); default: fine-tune one into OUT/teacher")
-    g.add_argument("--teacher_arch", choices=cli.arch_choices(), default=None,
-                   help="the teacher's architecture (default: the --teacher_file model directory's, "
-                        "else resnet50)")
+                        "(state_dict or whole model); several: an ensemble (--teacher_combine); "
+                        "default: fine-tune one into OUT/teacher")
+    g.add_argument("--teacher_arch", nargs="+", choices=cli.arch_choices(), default=None,
+                   help="the teacher's architecture, or one per --teacher_file (default: a model "
+                        "directory's own, else resnet50)")
+    g.add_argument("--teacher_combine", choices=("mean", "sum"), default="mean",
+                   help="several teachers: distil towards their mean probabilities (mean), or sum "
+                        "each teacher's distillation terms (sum, as big_vision)")
     g.add_argument("--student_arch", choices=cli.arch_choices(), default="resnet18")
     g.add_argument("--student_train", choices=STUDENT_TRAIN_MODES, default="fc",
                    help="fc: the seed (head only, BatchNorm statistics still update); "
@@ -43,6 +47,10 @@ def main(argv=None) -> int:
     g.add_argument("--init", default="imagenet",
                    help="starting weights of student and teacher: imagenet, scratch, or (student) a file")
     g.add_argument("--out", default="runs/paper", help="output directory (resumed if present)")
+    g.add_argument("--teacher_cache", default=None, metavar="DIR",
+                   help="store the teacher's logits on the training views in DIR on first use and read "
+                        "them afterwards: a later study over the same seeds (another alpha or loss) skips "
+                        "the teacher's pass and trains identically (logit losses only)")
     g.add_argument("--no_plots", action="store_true", help="skip the PNG figures")
     g.add_argument("--vectorize", choices=("auto", "on", "off"), default="auto",
                    help="train all runs together as one vmapped program (same metrics; one teacher "
@@ -61,7 +69,7 @@ def main(argv=None) -> int:
         cli.init_distributed(args)  # first: before anything touches the JAX backend
         distill = DistillConfig(alpha=(args.alpha or [0.0])[0], loss=cli.loss_name(args),
                                 hparams=cli.loss_hparams(args), student_train=args.student_train,
-                                pairs=cli.loss_pairs(args))
+                                pairs=cli.loss_pairs(args), teacher_combine=args.teacher_combine)
         alphas = args.alpha or ([distill.alpha] if distill.weighted else [0.0, 0.5, 1.0])
         config = protocol.PaperConfig(
             alphas=tuple(alphas),
@@ -74,21 +82,24 @@ def main(argv=None) -> int:
             config.run_config(alpha, 0)
         dataset = cli.load_data(args, args.student_arch)
         out = pathlib.Path(args.out)
-        teacher_path = args.teacher_file
-        if teacher_path is None:
+        teacher_paths = args.teacher_file
+        teacher_archs = protocol.teacher_archs(args.teacher_arch, len(teacher_paths or [None]))
+        if teacher_paths is None:
             teacher_init = "scratch" if args.init == "scratch" else "imagenet"
-            teacher_arch = args.teacher_arch or protocol.TEACHER_ARCH
+            teacher_arch = teacher_archs[0] or protocol.TEACHER_ARCH
             # the seed fine-tuned its teacher with the same recipe as the students
             result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher",
                                                 teacher_arch, scan_epochs=cli.scan_epochs(args))
             print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}",
                   file=sys.stderr)
-            teacher_path = out / "teacher" / "best"
-        teacher = protocol.load_teacher(teacher_path, dataset, args.teacher_arch)
+            teacher_paths = [out / "teacher" / "best"]
+        teacher = train.ensemble([protocol.load_teacher(path, dataset, arch)
+                                  for path, arch in zip(teacher_paths, teacher_archs)])
         vectorize = args.vectorize == "on" or (args.vectorize == "auto" and (
             cli.accelerated() or train.can_share_backbone(args.student_train, distill.loss)))
         summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots,
-                                     vectorize=vectorize, scan_epochs=cli.scan_epochs(args))
+                                     vectorize=vectorize, scan_epochs=cli.scan_epochs(args),
+                                     teacher_cache_dir=args.teacher_cache)
     except cli.USER_ERRORS as err:
         return cli.fail("experiments.paper", err)
     if cli.is_primary():

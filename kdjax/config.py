@@ -54,9 +54,13 @@ class DistillConfig:
     hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
     student_train: str = "fc"
     pairs: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+    # several teachers: "mean" distils towards their mean probabilities, "sum" sums each one's terms
+    teacher_combine: str = "mean"
 
     def __post_init__(self):
         _require(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        _require(self.teacher_combine in ("mean", "sum"),
+                 f"--teacher_combine must be mean or sum, got {self.teacher_combine!r}")
         parsed = losses.parse(self.loss)
         _require(
             self.student_train in STUDENT_TRAIN_MODES,
@@ -99,13 +103,15 @@ class DistillConfig:
 
     def __hash__(self):
         return hash((self.alpha, self.loss, tuple(self.hparams.items()), self.student_train,
-                     tuple(self.pairs.items())))
+                     tuple(self.pairs.items()), self.teacher_combine))
 
     def to_json(self) -> dict:
         d = {"alpha": self.alpha, "loss": self.loss, "hparams": dict(self.hparams),
              "student_train": self.student_train}
         if self.pairs:  # absent by default: earlier runs' records stay equal
             d["pairs"] = {k: [list(p) for p in v] for k, v in self.pairs.items()}
+        if self.teacher_combine != "mean":
+            d["teacher_combine"] = self.teacher_combine
         return d
 
 

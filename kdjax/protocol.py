@@ -98,6 +98,18 @@ def teacher_source(path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
+def teacher_archs(archs, count: int) -> list[str | None]:
+    """``--teacher_arch`` for ``count`` teacher files: none given, one for all, or one each."""
+    if not archs:
+        return [None] * count
+    if len(archs) == 1:
+        return list(archs) * count
+    if len(archs) != count:
+        raise ValueError(f"--teacher_arch gives {len(archs)} architectures for {count} --teacher_file: give one "
+                         f"for all, or one per file")
+    return list(archs)
+
+
 def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | None = None) -> train.Teacher:
     """A frozen teacher from a model directory (its meta.json names the architecture), a
     training run's directory (its best/) or a PyTorch file of ``arch`` (state_dict or the seed's
@@ -148,6 +160,7 @@ def run_paper(
     tensorboard: bool = True,
     vectorize: bool = False,
     scan_epochs: bool | None = None,
+    teacher_cache_dir: str | pathlib.Path | None = None,
 ) -> dict | None:
     """Every (alpha, run) of the study, then ``summary.{md,json}``, plots and event files.
 
@@ -160,7 +173,7 @@ def run_paper(
     jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
     runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
     results = train.train_runs(runs, dataset, student_arch=config.student_arch, teacher=teacher,
-                               vectorize=vectorize, scan_epochs=scan_epochs)
+                               vectorize=vectorize, scan_epochs=scan_epochs, teacher_cache_dir=teacher_cache_dir)
     runs_by_alpha: dict[float, list[list[dict]]] = {}
     for (alpha, run), result in zip(jobs, results):
         runs_by_alpha.setdefault(alpha, []).append(result.history)
@@ -170,7 +183,7 @@ def run_paper(
 
     num_val = dataset["val"].num_examples
     extra = {
-        "teacher_arch": teacher.arch,
+        "teacher_arch": "+".join(teacher.archs),
         "teacher_fingerprint": teacher.fingerprint,
         "student_arch": config.student_arch,
         "student_init": config.init,

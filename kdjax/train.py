@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 from flax import struct
 from tqdm import tqdm
 
-from kdjax import checkpoint, data, distributed, losses, models, optim, sharding
+from kdjax import checkpoint, data, distributed, losses, models, optim, sharding, teacher_cache
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
 from kdjax.data import augment
 
@@ -76,6 +76,19 @@ class TrainState(struct.PyTreeNode):
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherGroup:
+    """The teachers of one architecture among several: their module, view and how many."""
+
+    arch: str
+    model: nn.Module
+    view: augment.View | None
+    count: int
+
+
+TEACHER_COMBINES = ("mean", "sum")
+
+
+@dataclasses.dataclass(frozen=True)
 class StepSpec:
     """The static part of a compiled step: networks, optimiser recipe, student mode, loss name.
 
@@ -99,6 +112,10 @@ class StepSpec:
     teacher_view: augment.View | None = None
     # each feature term's (student tap, teacher tap) pairs, resolved for the two architectures
     pairs: tuple[tuple[str, losses.Pairs], ...] = ()
+    # several teachers: one group per architecture (its members' variables stacked, one vmapped
+    # pass), and how their logits combine (``teacher`` is then the first group's module)
+    teacher_groups: tuple[TeacherGroup, ...] = ()
+    teacher_combine: str = "mean"
 
     @property
     def tx(self) -> optax.GradientTransformation:
@@ -253,9 +270,30 @@ def _apply(model: nn.Module, variables, images, taps: tuple[str, ...], **kwargs)
     return losses.Outputs(logits, {k: features[k] for k in taps}), mutated
 
 
+def ensemble_logits(logits: jax.Array) -> jax.Array:
+    """Several teachers' logits ``[M, B, C]`` as one teacher's: ``log mean_m softmax(z_m)``, whose
+    softmax is the teachers' mean probabilities."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return jax.nn.logsumexp(logp, axis=0) - jnp.log(jnp.asarray(logits.shape[0], logp.dtype))
+
+
 def _loss(spec: StepSpec, student: losses.Outputs, teacher: losses.Outputs | None, labels, mask, hparams,
           adapted=None):
-    return losses.total(spec.objective, student, teacher, labels, hparams, mask, adapted)
+    if teacher is None or teacher.logits.ndim == 2:
+        return losses.total(spec.objective, student, teacher, labels, hparams, mask, adapted)
+    if spec.teacher_combine == "mean":  # several teachers: their mean probabilities as the target
+        return losses.total(spec.objective, student, losses.Outputs(ensemble_logits(teacher.logits)), labels,
+                            hparams, mask, adapted)
+    # "sum": each teacher's distillation terms, summed (big_vision's several-teacher loss); CE once
+    per_teacher = [losses.total(spec.objective, student, losses.Outputs(t), labels, hparams, mask, adapted)
+                   for t in teacher.logits]
+    ce = per_teacher[0][1].get("ce")
+    terms = {k: sum(p[1][k] for p in per_teacher) for k in per_teacher[0][1] if k != "ce"}
+    loss = sum(p[0] for p in per_teacher)
+    if ce is not None:  # counted once, not once per teacher
+        loss = loss - (len(per_teacher) - 1) * jnp.asarray(hparams[losses.weight_key("ce")]).astype(ce.dtype) * ce
+        terms = {"ce": ce, **terms}
+    return loss, terms
 
 
 def epoch_of(step, steps_per_epoch: int) -> jax.Array:
@@ -267,6 +305,11 @@ def teacher_outputs(spec: StepSpec, teacher_vars, images: jax.Array) -> losses.O
     """The frozen teacher's eval-mode outputs (no gradient flows into it); None without one."""
     if spec.teacher is None:
         return None
+    if spec.teacher_groups:  # several teachers: logits [M, B, C], one vmapped pass per architecture
+        logits = [jax.vmap(lambda v, g=group: _apply(g.model, v, augment.as_view(images, g.view), (),
+                                                     train=False)[0].logits)(variables)
+                  for group, variables in zip(spec.teacher_groups, teacher_vars)]
+        return jax.lax.stop_gradient(losses.Outputs(jnp.concatenate(logits, axis=0)))
     out, _ = _apply(spec.teacher, teacher_vars, augment.as_view(images, spec.teacher_view), spec.teacher_taps,
                     train=False)
     return jax.lax.stop_gradient(out)
@@ -410,6 +453,8 @@ def group_step(
     spec: StepSpec,
     mesh: jax.sharding.Mesh | None = None,
     mode: GroupMode = "vmap",
+    t_given: jax.Array | None = None,
+    emit_teacher: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step of every run of a group.
 
@@ -417,16 +462,34 @@ def group_step(
     batch ``[S, B]`` per distinct seed ``layout.seeds[S]``: examples whose views are drawn on
     the device from ``(seed, epoch, index)``. With ``mesh`` the batch axis is split over
     ``'data'``. Returns the new states and per-run metrics ``[K]``.
+
+    ``t_given``: the teacher's logits on these views ``[S, ..., B, C]`` (read from a
+    ``kdjax.teacher_cache``), so the teacher does not run; ``emit_teacher`` adds the logits it
+    computed to the metrics as ``TEACHER_LOGITS`` (to fill one).
     """
     views = functools.partial(data.train_batch, image_size=spec.image_size)
     if mode == "single":
-        batch = views(train_split, indices[0], mask[0], layout.seeds[0], epoch)
-        state, metrics = train_step(_squeeze(states), teacher_vars, _constrain(batch, mesh, 0),
-                                    _squeeze(hparams), spec, layout.seeds[0])
-        return _expand(state), _expand(metrics)
+        batch = _constrain(views(train_split, indices[0], mask[0], layout.seeds[0], epoch), mesh, 0)
+        t = teacher_outputs(spec, teacher_vars, batch.images) if t_given is None else losses.Outputs(t_given[0])
+        state, metrics = student_step(_squeeze(states), batch, t, _squeeze(hparams), spec, seed=layout.seeds[0])
+        state, metrics = _expand(state), _expand(metrics)
+        return state, ({**metrics, TEACHER_LOGITS: t.logits[None]} if emit_teacher else metrics)
     batches = jax.vmap(lambda i, m, s: views(train_split, i, m, s, epoch))(indices, mask, layout.seeds)
     batches = _constrain(batches, mesh, 1)
-    t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
+    if t_given is None:
+        t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
+    else:
+        t_out = None if spec.teacher is None else losses.Outputs(t_given)
+    states, metrics = _student_group_step(states, batches, t_out, hparams, layout, spec, mode)
+    return states, ({**metrics, TEACHER_LOGITS: t_out.logits} if emit_teacher else metrics)
+
+
+# the metrics key of the teacher's logits a group step emits for a teacher cache
+TEACHER_LOGITS = "teacher_logits"
+
+
+def _student_group_step(states, batches, t_out, hparams, layout: Layout, spec: StepSpec, mode: GroupMode):
+    """The students' steps of a group (``vmap`` or ``shared``) on the seeds' ``batches``."""
     run_batches, run_t = _take((batches, t_out), layout.run_seed)
     run_seeds = jnp.take(layout.seeds, layout.run_seed)
     if mode == "vmap":
@@ -459,15 +522,16 @@ def group_step(
 
 
 def group_epoch(states, teacher_vars, train_split, order, order_mask, epoch, hparams, layout: Layout,
-                spec: StepSpec, mesh=None, mode: GroupMode = "vmap"):
+                spec: StepSpec, mesh=None, mode: GroupMode = "vmap", t_given=None, emit_teacher: bool = False):
     """All steps of one epoch as one ``lax.scan`` of ``group_step``: ``order``/``order_mask`` are
-    ``[steps, S, B]``; metrics come back ``[steps, K]``. The shape for accelerators."""
+    ``[steps, S, B]`` (``t_given`` ``[steps, S, ..., B, C]``); metrics come back ``[steps, K]``.
+    The shape for accelerators."""
 
     def body(states, xs):
         return group_step(states, teacher_vars, train_split, xs[0], xs[1], epoch, hparams, layout,
-                          spec, mesh, mode)
+                          spec, mesh, mode, xs[2], emit_teacher)
 
-    return jax.lax.scan(body, states, (order, order_mask))
+    return jax.lax.scan(body, states, (order, order_mask, t_given))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -526,7 +590,7 @@ def eval_metrics(s_out: losses.Outputs, t_out: losses.Outputs | None, labels, hp
     s_logits = s_out.logits
     out = {"loss": loss, **terms, "acc": jnp.mean(jnp.argmax(s_logits, -1) == labels)}
     if t_out is not None:
-        t_logits = t_out.logits
+        t_logits = t_out.logits if t_out.logits.ndim == 2 else ensemble_logits(t_out.logits)
         out.update(
             teacher_acc=jnp.mean(jnp.argmax(t_logits, -1) == labels),
             diff_t_s=jnp.mean(jnp.abs(t_logits - s_logits)),
@@ -551,11 +615,28 @@ def group_eval_metrics(s_out, t_out, labels, hparams, spec: StepSpec, mode: Grou
 # Compiled once per process for each distinct (spec, mode, shapes, shardings): every group with
 # equal specs reuses the same executables. States are donated; the teacher never is.
 _STATIC = ("spec", "mesh", "mode")
-_group_step_jit = jax.jit(group_step, static_argnames=_STATIC, donate_argnums=0)
-_group_epoch_jit = jax.jit(group_epoch, static_argnames=_STATIC, donate_argnums=0)
+_group_step_jit = jax.jit(group_step, static_argnames=(*_STATIC, "emit_teacher"), donate_argnums=0)
+_group_epoch_jit = jax.jit(group_epoch, static_argnames=(*_STATIC, "emit_teacher"), donate_argnums=0)
 _eval_outputs_jit = jax.jit(eval_outputs, static_argnums=(0, 3, 4, 5))
 _group_eval_outputs_jit = jax.jit(group_eval_outputs, static_argnames=_STATIC)
 _group_eval_metrics_jit = jax.jit(group_eval_metrics, static_argnames=("spec", "mode"))
+
+
+def _teacher_eval_outputs(spec: StepSpec, teacher_vars, images: jax.Array, mesh=None) -> losses.Outputs:
+    return teacher_outputs(spec, teacher_vars, _constrain(augment.normalize(images), mesh, 0))
+
+
+_teacher_eval_outputs_jit = jax.jit(_teacher_eval_outputs, static_argnames=("spec", "mesh"))
+
+
+def teacher_eval_outputs(spec: StepSpec, teacher_vars, images: jax.Array, batch_size: int,
+                         mesh=None) -> losses.Outputs:
+    """The teacher's (or teachers': logits ``[M, N, C]``) eval-mode outputs on every eval view."""
+    if not spec.teacher_groups:
+        return all_outputs(spec.teacher, teacher_vars, images, batch_size, spec.teacher_taps, mesh,
+                           spec.teacher_view)
+    return map_eval_batches(lambda b: _teacher_eval_outputs_jit(spec, teacher_vars, b, mesh=mesh), images,
+                            batch_size, example_axis=1)
 
 
 def all_outputs(model, variables, images: jax.Array, batch_size: int, taps=(), mesh=None,
@@ -577,6 +658,42 @@ class Teacher:
     model: nn.Module
     variables: Any
     fingerprint: str
+    # an ensemble (``ensemble``): its teachers; ``variables`` then holds each architecture's
+    # members stacked, ``arch`` and ``model`` are the first's
+    members: tuple[Teacher, ...] = ()
+
+    @property
+    def archs(self) -> tuple[str, ...]:
+        return tuple(m.arch for m in self.members) if self.members else (self.arch,)
+
+
+def ensemble(teachers: Sequence[Teacher]) -> Teacher:
+    """Several frozen teachers as one: per architecture (in first-appearance order) their
+    variables stacked along a new leading axis, so each architecture runs as one vmapped pass.
+    One teacher is returned as it is."""
+    teachers = list(teachers)
+    if len(teachers) == 1:
+        return teachers[0]
+    by_arch: dict[str, list[Teacher]] = {}
+    for t in teachers:
+        by_arch.setdefault(t.arch, []).append(t)
+    ordered = [t for members in by_arch.values() for t in members]
+    variables = tuple(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[t.variables for t in members])
+                      for members in by_arch.values())
+    digest = checkpoint.fingerprint({"teachers": np.frombuffer(
+        "|".join(t.fingerprint for t in ordered).encode(), np.uint8)})
+    return Teacher(ordered[0].arch, ordered[0].model, variables, digest, tuple(ordered))
+
+
+def teacher_groups(teacher: Teacher, dtype, image_size: int) -> tuple[TeacherGroup, ...]:
+    """The ``StepSpec.teacher_groups`` of an ensemble (empty for one teacher)."""
+    if not teacher.members:
+        return ()
+    groups: dict[str, list[Teacher]] = {}
+    for t in teacher.members:
+        groups.setdefault(t.arch, []).append(t)
+    return tuple(TeacherGroup(arch, members[0].model.clone(dtype=dtype), network_view(arch, image_size),
+                              len(members)) for arch, members in groups.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -711,7 +828,7 @@ def run_meta_for(run: Run, student_arch: str, teacher: Teacher | None, dataset: 
         "config": run.config.to_json(),
         "student_arch": student_arch,
         "init": None if run.provenance is None else run.provenance.get("init"),
-        "teacher_arch": None if teacher is None else teacher.arch,
+        "teacher_arch": None if teacher is None else "+".join(teacher.archs),
         "teacher_fingerprint": None if teacher is None else teacher.fingerprint,
         "class_names": list(dataset.class_names),
         # the decode cache's key: a digest of the source files, image size and cache settings
@@ -738,6 +855,8 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         pairs=() if teacher is None else losses.objective(
             terms_of(config.distill.loss), config.distill.pairs, models.get(student_arch).taps,
             models.get(teacher.arch).taps).pairs,
+        teacher_groups=() if teacher is None else teacher_groups(teacher, dtype, config.image_size),
+        teacher_combine="mean" if config.distill is None else config.distill.teacher_combine,
     )
 
 
@@ -793,6 +912,11 @@ def _check_runs(runs: Sequence[Run], dataset: data.Dataset, student_arch: str, t
         raise ValueError("runs trained together need distinct work directories")
     if (teacher is None) != (first.config.distill is None):
         raise ValueError("a distillation config needs a teacher, and supervised training none")
+    if teacher is not None and teacher.members:
+        feature_terms = [t for t in first.config.distill.terms if losses.get(t).reads == "features"]
+        if feature_terms:
+            raise ValueError(f"--loss term {feature_terms[0]} reads feature taps, which one teacher has: give one "
+                             f"--teacher_file, or logit terms only with {len(teacher.members)} teachers")
     sharding.check_batch_size(first.config.batch_size, mesh)
     if dataset["train"].train is None:
         raise ValueError("the dataset was loaded without training views for its 'train' split")
@@ -812,6 +936,7 @@ class _Setup:
     student_arch: str
     dataset: data.Dataset
     scan: bool
+    cache: teacher_cache.TeacherCache | None = None
 
 
 def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_arch: str,
@@ -825,8 +950,7 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
         # awaited: a multi-device program still in flight when orbax's threads move arrays can
         # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
         t_val = jax.block_until_ready(
-            all_outputs(spec.teacher, teacher_vars, val_images, config.batch_size, spec.teacher_taps, mesh,
-                        spec.teacher_view))
+            teacher_eval_outputs(spec, teacher_vars, val_images, config.batch_size, mesh))
     return _Setup(
         spec=spec, mesh=mesh,
         train_split=distributed.put_replicated(dataset["train"].train, repl),
@@ -886,27 +1010,50 @@ def group_mode(spec: StepSpec, num_runs: int, share_frozen: bool) -> GroupMode:
 
 def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_mask: np.ndarray,
                     epoch: int, hparams, layout: Layout, spec: StepSpec, mesh, mode: GroupMode,
-                    scan: bool) -> tuple[Any, dict[str, np.ndarray]]:
+                    scan: bool, cache: teacher_cache.TeacherCache | None = None,
+                    seeds: Sequence[int] = ()) -> tuple[Any, dict[str, np.ndarray]]:
     """One epoch of a group from its host-side order ``[steps, S, B]``: one scanned program
     (``scan``) or a host loop over jitted steps; both keep the data on the device. Returns the
-    states and per-step metrics ``[steps, K]`` on the host."""
+    states and per-step metrics ``[steps, K]`` on the host.
+
+    With ``cache``, an epoch whose teacher logits are stored for every one of ``seeds`` reads
+    them instead of running the teacher; otherwise the teacher's logits are written there."""
     epoch_ = jnp.int32(epoch)
+    t_given, emit = None, False
+    if cache is not None:
+        stored = [cache.load(s, epoch) for s in seeds]
+        if all(a is not None for a in stored):
+            t_given = teacher_cache.gather(stored, order)  # [steps, S, ..., B, C]
+        else:
+            emit = True
+    t_axis = None if t_given is None else t_given.ndim - 2  # the batch axis of [steps, S, ..., B, C]
     # every process holds the whole epoch order but feeds only its own rows of each batch
     if scan:
+        t = None if t_given is None else distributed.put_batch(t_given, sharding.batch_sharding_at(mesh, t_axis))
         states, metrics = _group_epoch_jit(
             states, teacher_vars, train_split,
             *distributed.put_batch((order, order_mask), sharding.batch_sharding_at(mesh, 2)),
-            epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode)
-        return states, distributed.to_host(metrics)
-    steps = []
-    for indices, mask in zip(order, order_mask):
-        states, m = _group_step_jit(
-            states, teacher_vars, train_split,
-            *distributed.put_batch((indices, mask), sharding.batch_sharding_at(mesh, 1)),
-            epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode)
-        steps.append(m)
-    steps = distributed.to_host(steps)
-    return states, {k: np.stack([m[k] for m in steps]) for k in steps[0]}
+            epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode, t_given=t, emit_teacher=emit)
+        metrics = distributed.to_host(metrics)
+    else:
+        steps = []
+        for i, (indices, mask) in enumerate(zip(order, order_mask)):
+            t = None if t_given is None else distributed.put_batch(
+                t_given[i], sharding.batch_sharding_at(mesh, t_axis - 1))
+            states, m = _group_step_jit(
+                states, teacher_vars, train_split,
+                *distributed.put_batch((indices, mask), sharding.batch_sharding_at(mesh, 1)),
+                epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode, t_given=t, emit_teacher=emit)
+            steps.append(m)
+        steps = distributed.to_host(steps)
+        metrics = {k: np.stack([m[k] for m in steps]) for k in steps[0]}
+    if emit:
+        logits = metrics.pop(TEACHER_LOGITS)
+        if distributed.is_primary():
+            num_examples = int(order_mask.sum() / order_mask.shape[1])
+            for seed, arr in zip(seeds, teacher_cache.scatter(logits, order, order_mask, num_examples)):
+                cache.save(seed, epoch, arr)
+    return states, metrics
 
 
 def group_val_outputs(spec: StepSpec, states, val_images, layout: Layout, batch_size: int, mesh,
@@ -944,7 +1091,7 @@ def _train_group(setup: _Setup, members: Sequence[tuple[int, Run, RunStore, Any]
         order_mask = np.stack([m for _, m in orders], axis=1)
         states, step_metrics = run_group_epoch(
             states, setup.teacher_vars, setup.train_split, order, order_mask, epoch, hparams, layout,
-            spec, mesh, mode, setup.scan)
+            spec, mesh, mode, setup.scan, setup.cache, seeds)
         # every run's figures first: a non-finite loss in any run saves nothing of this epoch
         train_figures = [
             summarize_steps({k: v[:, i] for k, v in step_metrics.items()}, epoch, store.workdir)
@@ -986,6 +1133,25 @@ def best_model_saver(variables, setup: _Setup, run: Run) -> Callable[[pathlib.Pa
     return save
 
 
+def cache_for(directory, spec: StepSpec, config: TrainConfig, dataset: data.Dataset, teacher: Teacher,
+              mesh) -> teacher_cache.TeacherCache:
+    """The teacher cache of this call's runs: keyed by what makes the teacher's logits for a view
+    (see ``kdjax.teacher_cache``); a loss reading the teacher's features cannot use it."""
+    if spec.teacher_taps:
+        raise ValueError(f"--teacher_cache holds the teacher's logits; --loss {config.distill.loss} reads its "
+                         f"feature taps {spec.teacher_taps}, so the teacher must run: leave --teacher_cache out")
+    return teacher_cache.TeacherCache(directory, {
+        "teacher_fingerprint": teacher.fingerprint,
+        "teacher_archs": list(teacher.archs),
+        "data_fingerprint": dataset.cache_path.name,
+        "image_size": config.image_size,
+        "compute_dtype": config.compute_dtype,
+        "batch_size": config.batch_size,
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+    })
+
+
 def default_scan_epochs() -> bool:
     """Scanned epochs on accelerators; a host loop of jitted steps on CPU, where it runs as fast
     (benchmarks/README.md) and compiles a smaller program."""
@@ -1003,6 +1169,7 @@ def train_runs(
     scan_epochs: bool | None = None,
     vectorize: bool = True,
     share_frozen: bool = True,
+    teacher_cache_dir: str | pathlib.Path | None = None,
 ) -> list[RunResult]:
     """Train ``runs`` (one recipe; seeds, alphas and loss hyper-parameters may differ) and return
     their results in order, resuming whatever their directories hold.
@@ -1010,7 +1177,9 @@ def train_runs(
     ``vectorize`` trains runs that stand at the same epoch together as one group (see the module
     docstring); otherwise one after another. ``on_epoch(k, record)`` is called for run k after
     each epoch. ``share_frozen=False`` keeps one backbone pass per run even where a frozen
-    backbone could be shared. A non-finite loss stops with ``NonFiniteLossError`` before the
+    backbone could be shared. ``teacher_cache_dir`` stores the teacher's logits on the training
+    views there on first use and reads them afterwards (``kdjax.teacher_cache``). A non-finite
+    loss stops with ``NonFiniteLossError`` before the
     epoch is saved, so the last good checkpoint stays intact.
     """
     if not runs:
@@ -1045,6 +1214,8 @@ def train_runs(
         else:
             groups = [[k] for k in pending]
         setup = _setup(spec, first, dataset, student_arch, teacher, mesh, scan) if groups else None
+        if setup is not None and teacher_cache_dir is not None:
+            setup = dataclasses.replace(setup, cache=cache_for(teacher_cache_dir, spec, first, dataset, teacher, mesh))
         bar = None
         if len(groups) > 1 and not vectorize:
             bar = tqdm(total=len(groups), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True,

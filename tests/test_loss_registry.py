@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from experiments import cli
 from kdjax import data, losses, models, train
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
@@ -148,3 +149,42 @@ def test_the_resnet_taps_are_the_registered_ones():
     assert feats["pool"].shape == (2, spec.head_width) and logits.shape == (2, 3)
     with pytest.raises(ValueError, match="unknown architecture 'vgg11'"):
         models.get("vgg11")
+
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+def test_several_teachers_one_vmapped_pass_per_architecture(combine):
+    """Three teachers, two of one architecture: the step's loss is CE plus KD towards their mean
+    probabilities ("mean") or plus each teacher's KD ("sum"), computed by hand from each teacher
+    alone; the two ResNet-18s form one group (one vmapped pass)."""
+    student = models.create_model("resnet18", 2)
+    teachers = [
+        conftest.as_teacher(arch, models.create_model(arch, 2),
+                            models.init_variables(models.create_model(arch, 2), jax.random.key(seed), 32))
+        for arch, seed in [("resnet18", 1), ("resnet34", 2), ("resnet18", 3)]
+    ]
+    ensemble = train.ensemble(teachers)
+    assert ensemble.archs == ("resnet18", "resnet18", "resnet34")
+    config = TrainConfig(batch_size=4, image_size=32, optim=OptimConfig(lr=0.0),
+                         distill=DistillConfig(alpha=0.3, loss="kd", student_train="all", teacher_combine=combine))
+    spec = train.StepSpec("resnet18", student, ensemble.model, config.optim, 1, "all", "kd", 32,
+                          teacher_groups=train.teacher_groups(ensemble, jnp.float32, 32), teacher_combine=combine)
+    assert [(g.arch, g.count) for g in spec.teacher_groups] == [("resnet18", 2), ("resnet34", 1)]
+    s_vars = models.init_variables(student, jax.random.key(0), 32)
+    rng = np.random.default_rng(0)
+    batch = data.Batch(jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+                       jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.asarray([True, True, True, True]))
+    hparams = train.hparams_for(config)
+    _, metrics = jax.jit(train.train_step, static_argnames="spec")(
+        train.create_train_state(s_vars, spec), ensemble.variables, batch, hparams, spec=spec)
+
+    s_logits, _ = student.apply(s_vars, batch.images, train=True, mask=batch.mask, mutable=["batch_stats"])
+    t_logits = [t.model.apply(t.variables, batch.images, train=False) for t in teachers]
+    ce = float(losses.cross_entropy(s_logits, batch.labels))
+    if combine == "mean":
+        mean_p = np.mean([jax.nn.softmax(t) for t in t_logits], axis=0)
+        kd = float(losses.hinton_kl(s_logits, jnp.log(mean_p), 4.0))
+    else:
+        kd = sum(float(losses.hinton_kl(s_logits, t, 4.0)) for t in t_logits)
+    np.testing.assert_allclose(float(metrics["loss"]), 0.3 * ce + 0.7 * kd, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kd_sum"]) / 4, kd, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["ce_sum"]) / 4, ce, rtol=1e-5)

@@ -6,6 +6,7 @@ ResNet the teacher is; test_train_step covers ResNet-50) and 2-3 epochs on a gen
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import jax
@@ -179,3 +180,41 @@ def test_feature_losses_train_their_adapters_and_export_the_student_alone(datase
     assert not np.allclose(saved["aux"]["batch_stats"]["fitnet"]["0"]["bn"]["mean"], 0.0)  # statistics updated
     _, variables, _ = checkpoint.load_model(tmp_path / "best")
     assert jax.tree.structure(variables) == jax.tree.structure(_student())
+
+
+def _histories(results):
+    return [[{k: v for k, v in r.items() if k != "seconds"} for r in result.history] for result in results]
+
+
+def test_teacher_cache_fills_once_and_a_second_study_trains_identically(dataset, tmp_path, monkeypatch):
+    """Two seeds trained together (the cache's per-seed files, gathered and scattered by
+    example): a study with the cache fills it; a second study (another alpha and loss) over the
+    same seeds reads it without running the teacher, and its metrics equal, to the last bit, the
+    same study's without a cache."""
+    teacher = _teacher()
+
+    def runs(name, alpha, loss):
+        config = _config(optim=OptimConfig(lr=0.002, step_size=1, gamma=0.5),
+                         distill=DistillConfig(alpha=alpha, loss=loss, student_train="all"))
+        return [train.Run(dataclasses.replace(config, seed=seed), tmp_path / name / str(seed), _student())
+                for seed in (0, 1)]
+
+    cache = tmp_path / "cache"
+    train.train_runs(runs("fill", 0.5, "mse"), dataset, teacher=teacher, teacher_cache_dir=cache)
+    [entry] = list(cache.iterdir())
+    assert sorted(p.name for p in entry.glob("*.npy")) == [f"seed{s}_epoch{e}.npy" for s in (0, 1) for e in (0, 1)]
+    logits = np.load(entry / "seed0_epoch0.npy")
+    assert logits.shape == (dataset["train"].num_examples, 2) and np.all(np.isfinite(logits))
+
+    plain = train.train_runs(runs("plain", 0.3, "kd"), dataset, teacher=teacher)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs were cached")
+
+    monkeypatch.setattr(train, "teacher_outputs", no_teacher)
+    cached = train.train_runs(runs("cached", 0.3, "kd"), dataset, teacher=teacher, teacher_cache_dir=cache)
+    assert _histories(cached) == _histories(plain)
+    with pytest.raises(ValueError, match="reads its feature taps"):
+        config = _config(distill=DistillConfig(loss="ce:1 at:1", student_train="all"))
+        train.train_runs([train.Run(config, tmp_path / "at", _student())], dataset, teacher=teacher,
+                         teacher_cache_dir=cache)
