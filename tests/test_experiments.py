@@ -71,6 +71,36 @@ def test_teacher_file_errors_name_what_to_pass(chained, capsys, tmp_path):
     assert paper.main(["--teacher_file", str(base / "teacher"), "--loss", "mse", "--temperature", "2",
                        *args]) == 2
     assert "--loss mse takes no --temperature" in capsys.readouterr().err
+    assert paper.main(["--teacher_file", str(base / "teacher"), "--loss", "ce:1", "kd:1", "--alpha", "0.5",
+                       *args]) == 2
+    assert "leave --alpha out" in capsys.readouterr().err
+    assert paper.main(["--teacher_file", str(base / "teacher"), str(base / "teacher"), "--loss", "ce:1", "at:1",
+                       *args]) == 2
+    assert "reads feature taps, which one teacher has" in capsys.readouterr().err
+    assert paper.main(["--teacher_file", str(base / "teacher"), "--loss", "ce:1", "fitnet:1", "--fitnet_pairs",
+                       "layer3:nope", *args]) == 2
+    assert "the teacher has no tap 'nope'" in capsys.readouterr().err
+
+
+def test_paper_with_weighted_terms_two_teachers_and_a_teacher_cache(chained, capsys):
+    """``--loss ce:0.5 kd:0.5 --teacher_file A B --teacher_combine sum --teacher_cache DIR``: one
+    study row (alpha is the CE weight), each term logged, the teachers' logits cached; a rerun
+    into another --out reads the cache and reproduces the metrics."""
+    base, data_flags, _ = chained
+    cache = base / "tcache"
+    args = ["--loss", "ce:0.5", "kd:0.5", "--temperature", "2", "--n_exp", "1", "--teacher_combine", "sum",
+            "--teacher_file", str(base / "teacher"), str(base / "teacher"), "--teacher_cache", str(cache),
+            *data_flags, *COMMON]
+    assert paper.main([*args, "--out", str(base / "multi")]) == 0, capsys.readouterr().err
+    summary = json.loads((base / "multi" / "summary.json").read_text())
+    assert summary["extra"]["teacher_arch"] == "resnet18+resnet18"
+    history = json.loads((base / "multi" / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
+    assert {"ce", "kd"} <= set(history[0]["train"]) and {"ce", "kd", "agreement"} <= set(history[0]["val"])
+    assert len(list(cache.glob("*/seed0_epoch0.npy"))) == 1
+    assert paper.main([*args, "--out", str(base / "multi_again")]) == 0, capsys.readouterr().err
+    again = json.loads((base / "multi_again" / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
+    assert [r["train"] for r in again] == [r["train"] for r in history]
+    assert [r["val"] for r in again] == [r["val"] for r in history]
 
 
 def test_the_study_runs_with_any_pair(chained, capsys):

@@ -40,7 +40,10 @@ def _total(terms, weights, hparams, student, teacher, labels, mask=None, pairs=(
 
 def _close(got, ref, dtype_name, what):
     tol = TOL[dtype_name]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=tol, atol=tol, err_msg=what)
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    worst = np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0))
+    print(f"{what}: max |kdjax - torch| / max(|torch|, 1) = {worst:.2g} ({dtype_name})")
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=what)
 
 
 def _logit_case(dtype_name, jax_loss, torch_loss, seed=0):

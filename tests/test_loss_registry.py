@@ -151,11 +151,10 @@ def test_the_resnet_taps_are_the_registered_ones():
         models.get("vgg11")
 
 
-@pytest.mark.parametrize("combine", ["mean", "sum"])
-def test_several_teachers_one_vmapped_pass_per_architecture(combine):
+def test_several_teachers_one_vmapped_pass_per_architecture():
     """Three teachers, two of one architecture: the step's loss is CE plus KD towards their mean
-    probabilities ("mean") or plus each teacher's KD ("sum"), computed by hand from each teacher
-    alone; the two ResNet-18s form one group (one vmapped pass)."""
+    probabilities, computed by hand from each teacher alone, and the two ResNet-18s form one group
+    (one vmapped pass); with ``teacher_combine="sum"`` each teacher's KD is summed, CE counted once."""
     student = models.create_model("resnet18", 2)
     teachers = [
         conftest.as_teacher(arch, models.create_model(arch, 2),
@@ -165,9 +164,9 @@ def test_several_teachers_one_vmapped_pass_per_architecture(combine):
     ensemble = train.ensemble(teachers)
     assert ensemble.archs == ("resnet18", "resnet18", "resnet34")
     config = TrainConfig(batch_size=4, image_size=32, optim=OptimConfig(lr=0.0),
-                         distill=DistillConfig(alpha=0.3, loss="kd", student_train="all", teacher_combine=combine))
+                         distill=DistillConfig(alpha=0.3, loss="kd", student_train="all"))
     spec = train.StepSpec("resnet18", student, ensemble.model, config.optim, 1, "all", "kd", 32,
-                          teacher_groups=train.teacher_groups(ensemble, jnp.float32, 32), teacher_combine=combine)
+                          teacher_groups=train.teacher_groups(ensemble, jnp.float32, 32))
     assert [(g.arch, g.count) for g in spec.teacher_groups] == [("resnet18", 2), ("resnet34", 1)]
     s_vars = models.init_variables(student, jax.random.key(0), 32)
     rng = np.random.default_rng(0)
@@ -180,11 +179,17 @@ def test_several_teachers_one_vmapped_pass_per_architecture(combine):
     s_logits, _ = student.apply(s_vars, batch.images, train=True, mask=batch.mask, mutable=["batch_stats"])
     t_logits = [t.model.apply(t.variables, batch.images, train=False) for t in teachers]
     ce = float(losses.cross_entropy(s_logits, batch.labels))
-    if combine == "mean":
-        mean_p = np.mean([jax.nn.softmax(t) for t in t_logits], axis=0)
-        kd = float(losses.hinton_kl(s_logits, jnp.log(mean_p), 4.0))
-    else:
-        kd = sum(float(losses.hinton_kl(s_logits, t, 4.0)) for t in t_logits)
+    mean_p = np.mean([jax.nn.softmax(t) for t in t_logits], axis=0)
+    kd = float(losses.hinton_kl(s_logits, jnp.log(mean_p), 4.0))
     np.testing.assert_allclose(float(metrics["loss"]), 0.3 * ce + 0.7 * kd, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["kd_sum"]) / 4, kd, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ce_sum"]) / 4, ce, rtol=1e-5)
+
+    # the same figures through the evaluation's loss, for both ways of combining
+    stacked = losses.Outputs(jnp.stack([t_logits[0], t_logits[2], t_logits[1]]))  # the ensemble's order
+    for combine, want_kd in [("mean", kd), ("sum", sum(float(losses.hinton_kl(s_logits, t, 4.0)) for t in t_logits))]:
+        got = train.eval_metrics(losses.Outputs(s_logits), stacked, batch.labels, {**hparams, "epoch": 1.0},
+                                 dataclasses.replace(spec, teacher_combine=combine))
+        np.testing.assert_allclose(float(got["kd"]), want_kd, rtol=1e-5, err_msg=combine)
+        np.testing.assert_allclose(float(got["loss"]), 0.3 * ce + 0.7 * want_kd, rtol=1e-5, err_msg=combine)
+        np.testing.assert_allclose(float(got["teacher_acc"]), np.mean(np.argmax(mean_p, -1) == batch.labels))
