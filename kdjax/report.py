@@ -3,8 +3,8 @@
 Inputs are run histories grouped by alpha, ``{alpha: [history, ...]}`` with runs in order; a
 history is the list of per-epoch records that ``kdjax.train`` writes::
 
-    {"epoch": 1, "lr": 0.001, "train": {"loss", "acc", "ce", "mse"|"kl"},
-     "val": {"loss", "acc", "ce", "mse"|"kl", "teacher_acc", "diff_t_s", "agreement", "kl_t_s"},
+    {"epoch": 1, "lr": 0.001, "train": {"loss", "acc", "ce", <each term of the loss>},
+     "val": {"loss", "acc", "ce", <each term>, "teacher_acc", "diff_t_s", "agreement", "kl_t_s"},
      "seconds": 12.3}
 
 (supervised runs have no teacher keys). Tables are pure functions returning plain Python

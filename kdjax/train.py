@@ -21,7 +21,13 @@ Student modes (``DistillConfig.student_train``):
 - ``all``: full fine-tuning (also what supervised teacher fine-tuning uses).
 
 The teacher is data: its variables enter every step as an argument (replicated, never donated,
-never optimised, never checkpointed; its fingerprint is recorded instead). An epoch is either
+never optimised, never checkpointed; its fingerprint is recorded instead). Several teachers
+(``ensemble``) are one argument too: per architecture their variables stacked, one vmapped pass.
+A teacher cache (``kdjax.teacher_cache``) replaces the teacher's pass by its stored logits.
+
+The loss is ``losses.total`` over the run's terms (``StepSpec.objective``), every weight and
+hyper-parameter traced. The adapters a feature term trains (FitNets' regressors, projectors) are
+``TrainState.aux``: optimised with the student, checkpointed with it, never exported. An epoch is either
 one scanned program (accelerators) or a host loop over jitted steps (the CPU default, as fast
 there and quicker to compile); both keep the data on the device. Every run keeps its own work
 directory (epoch checkpoints, ``best/``, ``metrics.json``, ``train.log``) whichever way it was

@@ -11,6 +11,8 @@ gradients' near-zero entries) is the bound, as for the seed's two losses (tests/
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +44,8 @@ def _close(got, ref, dtype_name, what):
     tol = TOL[dtype_name]
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     worst = np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0))
-    print(f"{what}: max |kdjax - torch| / max(|torch|, 1) = {worst:.2g} ({dtype_name})")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    print(f"{test} {what}: max |kdjax - torch| / max(|torch|, 1) = {worst:.2g}")
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=what)
 
 

@@ -84,7 +84,7 @@ def config(mode: str, alpha: float = ALPHA, temperature: float = 4.0, loss: str 
     return TrainConfig(
         optim=OptimConfig(lr=LR, momentum=MOMENTUM, step_size=100, gamma=0.1),
         distill=DistillConfig(alpha=alpha, loss=loss, student_train=mode,
-                              hparams={"temperature": temperature} if loss == "kl" else {}),
+                              hparams={"temperature": temperature} if loss == "kd" else {}),
         batch_size=BATCH,
         image_size=IMAGE,
     )
@@ -311,7 +311,7 @@ def test_padded_batch_gives_the_state_of_the_unpadded_batch(mode):
 # ------------------------------------------------------------------------------ no retrace
 
 
-@pytest.mark.parametrize("loss", ["mse", "kl"])
+@pytest.mark.parametrize("loss", ["mse", "kd"])
 def test_alpha_and_temperature_sweep_compiles_once(loss):
     """alpha and temperature are traced: a whole sweep reuses one trace and one executable,
     even with a StepSpec rebuilt per run (it is compared by value)."""
@@ -332,7 +332,7 @@ def test_alpha_and_temperature_sweep_compiles_once(loss):
         ce, soft = r["ce_sum"] / r["count"], r[f"{loss}_sum"] / r["count"]
         assert r["loss"] == pytest.approx(alpha * ce + (1 - alpha) * soft, rel=1e-6)
     softs = [r[f"{loss}_sum"] for r in results]
-    if loss == "kl":  # T^2 * KL depends on T
+    if loss == "kd":  # T^2 * KL depends on T
         assert len({round(v, 6) for v in softs}) == len(sweep)
     else:  # MSE ignores T
         assert max(softs) - min(softs) <= 1e-6 * max(softs)
