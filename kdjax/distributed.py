@@ -187,6 +187,16 @@ def put_replicated(tree, sharding: jax.sharding.Sharding):
     return jax.tree.map(put, tree)
 
 
+def check_same(flag: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless every process holds the same ``flag`` (a decision each
+    takes from its own files, which must agree; a no-op in a single process)."""
+    if jax.process_count() == 1:
+        return
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32)))
+    if flags.min() != flags.max():
+        raise ValueError(message)
+
+
 def to_host(tree):
     """``tree`` as numpy arrays on every process. Fully replicated (or, in a single process,
     addressable) leaves are copied from a local device; others are gathered across processes,

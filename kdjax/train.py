@@ -1028,6 +1028,9 @@ def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_
     t_given, emit = None, False
     if cache is not None:
         stored = [cache.load(s, epoch) for s in seeds]
+        distributed.check_same(all(a is not None for a in stored),
+                               f"--teacher_cache {cache.directory.parent}: the processes found different entries; "
+                               "it must be one directory that every process sees")
         if all(a is not None for a in stored):
             t_given = teacher_cache.gather(stored, order)  # [steps, S, ..., B, C]
         else:
