@@ -106,8 +106,10 @@ class DistillConfig:
                      tuple(self.pairs.items()), self.teacher_combine))
 
     def to_json(self) -> dict:
-        d = {"alpha": self.alpha, "loss": self.loss, "hparams": dict(self.hparams),
-             "student_train": self.student_train}
+        hparams = dict(self.hparams)
+        if hparams.get("label_smoothing") == 0.0:  # the default: records of earlier runs stay equal
+            del hparams["label_smoothing"]
+        d = {"alpha": self.alpha, "loss": self.loss, "hparams": hparams, "student_train": self.student_train}
         if self.pairs:  # absent by default: earlier runs' records stay equal
             d["pairs"] = {k: [list(p) for p in v] for k, v in self.pairs.items()}
         if self.teacher_combine != "mean":
