@@ -291,15 +291,14 @@ def _loss(spec: StepSpec, student: losses.Outputs, teacher: losses.Outputs | Non
         return losses.total(spec.objective, student, losses.Outputs(ensemble_logits(teacher.logits)), labels,
                             hparams, mask, adapted)
     # "sum": each teacher's distillation terms, summed (big_vision's several-teacher loss); CE once
-    obj = spec.objective
-    distill = dataclasses.replace(obj, terms=tuple(t for t in obj.terms if t != "ce"))
-    per_teacher = [losses.total(distill, student, losses.Outputs(t), labels, hparams, mask, adapted)
+    per_teacher = [losses.total(spec.objective, student, losses.Outputs(t), labels, hparams, mask, adapted)
                    for t in teacher.logits]
+    ce = per_teacher[0][1].get("ce")
+    terms = {k: sum(p[1][k] for p in per_teacher) for k in per_teacher[0][1] if k != "ce"}
     loss = sum(p[0] for p in per_teacher)
-    terms = {k: sum(p[1][k] for p in per_teacher) for k in distill.terms}
-    if "ce" in obj.terms:
-        ce_loss, ce_terms = losses.total(losses.Objective(("ce",)), student, None, labels, hparams, mask)
-        loss, terms = loss + ce_loss, {**ce_terms, **terms}
+    if ce is not None:  # counted once, not once per teacher
+        loss = loss - (len(per_teacher) - 1) * jnp.asarray(hparams[losses.weight_key("ce")]).astype(ce.dtype) * ce
+        terms = {"ce": ce, **terms}
     return loss, terms
 
 
