@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import write_image
 from kdjax import data, sharding
-from kdjax.data import transforms
+from kdjax.data import decode_cache, transforms
 from kdjax.data.folder import DataError
 
 _train_batch = jax.jit(data.train_batch, static_argnames=("image_size", "crop"))
@@ -175,16 +175,44 @@ def _bad_folder(image_folder, root=None):
     return root
 
 
-def test_bad_images_are_all_named_with_the_way_out(image_folder, tmp_path):
+def test_the_first_bad_image_stops_a_cold_prepare(image_folder, tmp_path, monkeypatch):
+    """Without --skip_bad_images the first unreadable file (in torchvision's order) stops the
+    prepare, named with the way out, and the cache keeps nothing of it."""
     root = _bad_folder(image_folder)
-    for _ in range(2):  # the same error from a cold and from a warm cache
+    decoded = []
+    real = decode_cache.decode_example
+    monkeypatch.setattr(decode_cache, "decode_example", lambda path, *a: decoded.append(path) or real(path, *a))
+    for _ in range(2):
         with pytest.raises(DataError) as err:
             data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
         msg = str(err.value)
-        assert "3 unreadable image file(s)" in msg and "--skip_bad_images" in msg
-        for name in BAD_NAMES:
-            assert str(root / name) in msg
-        assert "truncated" in msg
+        assert msg.startswith(f"{root / BAD_NAMES[0]}: cannot read image") and "--skip_bad_images" in msg
+        assert str(root / BAD_NAMES[1]) not in msg
+    assert not list((tmp_path / "cache").rglob("*.array_record*"))
+    assert len(decoded) < 2 * 13  # stopped early: not every file was decoded either time
+
+
+def test_a_cache_prepared_with_skipping_names_every_bad_image_without_it(image_folder, tmp_path):
+    root = _bad_folder(image_folder)
+    data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32, skip_bad_images=True)
+    with pytest.raises(DataError) as err:
+        data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    msg = str(err.value)
+    assert "3 unreadable image file(s)" in msg and "--skip_bad_images" in msg and "truncated" in msg
+    for name in BAD_NAMES:
+        assert str(root / name) in msg
+
+
+def test_many_bad_images_name_the_first_20_and_count_the_rest(image_folder, tmp_path, caplog):
+    root = image_folder({"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}})
+    for i in range(25):
+        (root / "train" / "ants" / f"broken_{i:02d}.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="kdjax.data"):
+        ds = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32, skip_bad_images=True)
+    assert ds["train"].num_examples == 4
+    warning = _messages(caplog)
+    assert "left out 25 unreadable image file(s)" in warning and "... and 5 more" in warning
+    assert "broken_19.jpg" in warning and "broken_20.jpg" not in warning
 
 
 def test_skip_bad_images_lists_what_it_left_out(image_folder, tmp_path, caplog):

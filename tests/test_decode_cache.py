@@ -60,6 +60,54 @@ def test_a_changed_file_gives_a_new_cache(image_folder, tmp_path, count_decodes,
     assert second["val"].num_examples == {"edit": 4, "add": 5, "remove": 3}[change]
 
 
+@pytest.fixture
+def count_digests(monkeypatch):
+    calls = []
+    real = decode_cache.tree_digest
+
+    def counting(root, *args, **kwargs):
+        calls.append(root)
+        return real(root, *args, **kwargs)
+
+    monkeypatch.setattr(decode_cache, "tree_digest", counting)
+    return calls
+
+
+def test_a_warm_start_reads_no_file_and_verify_data_reads_them_all(image_folder, tmp_path, count_digests,
+                                                                     count_decodes):
+    root = image_folder(SPEC)
+    cache = tmp_path / "cache"
+    cold = data.load_splits(root, cache_dir=cache, image_size=32)
+    assert cold.decoded and cold.digested and len(count_digests) == 1
+    warm = data.load_splits(root, cache_dir=cache, image_size=32)
+    assert not warm.decoded and not warm.digested and len(count_digests) == 1
+    verified = data.load_splits(root, cache_dir=cache, image_size=32, verify_data=True)
+    assert not verified.decoded and verified.digested and len(count_digests) == 2
+    # a new mtime is a new fingerprint: the content is identified again and its cache reused
+    first = root / "train" / "ants" / "ants_0.jpg"
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    touched = data.load_splits(root, cache_dir=cache, image_size=32)
+    assert touched.digested and not touched.decoded and touched.cache_path == cold.cache_path
+    assert len(count_decodes) == 9  # decoded once in all
+
+
+def test_verify_data_finds_an_edit_that_kept_size_and_mtime(image_folder, tmp_path):
+    root = image_folder(SPEC)
+    cache = tmp_path / "cache"
+    cold = data.load_splits(root, cache_dir=cache, image_size=32)
+    target = root / "val" / "bees" / "bees_0.jpg"
+    st = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 1  # inside the JPEG's entropy data: same size, another image
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.load_splits(root, cache_dir=cache, image_size=32).cache_path == cold.cache_path  # not seen
+    verified = data.load_splits(root, cache_dir=cache, image_size=32, verify_data=True)
+    assert verified.decoded and verified.cache_path != cold.cache_path
+    # and the fingerprint now points at the verified content
+    assert data.load_splits(root, cache_dir=cache, image_size=32).cache_path == verified.cache_path
+
+
 def test_sizes_are_part_of_the_key(image_folder, tmp_path):
     root = image_folder(SPEC)
     a = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
@@ -132,7 +180,8 @@ def test_cold_load_prints_one_kdjax_line_and_nothing_from_tfds(image_folder, tmp
     cold, warm, rest = out.stderr.split("=== load done\n")
     assert warm == rest == ""
     (line,) = [ln for ln in cold.splitlines() if "kdjax" in ln]
-    (key,) = os.listdir(cache)
+    (key,) = [d for d in os.listdir(cache) if d != "fingerprints"]
+    assert sorted(os.listdir(cache)) == sorted([key, "fingerprints"])  # tfds' scratch folder is gone
     assert line == (f"kdjax: decoding 9 images of {root} into {cache / key} "
                     "(once; later runs read the cache)")
     # everything else is frames of the one bar, drawn with carriage returns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 
@@ -10,7 +11,7 @@ import torchvision
 
 from conftest import write_image
 from kdjax.data import hymenoptera
-from kdjax.data.folder import DataError, ignored_notice, scan_image_folder, tree_digest
+from kdjax.data.folder import DataError, ignored_notice, scan_image_folder, tree_digest, tree_fingerprint
 
 
 def test_real_set_counts_classes_and_order_match_torchvision(hymenoptera_dir):
@@ -63,8 +64,26 @@ def test_missing_split_is_named(image_folder):
 
 def test_class_in_one_split_only_is_named(image_folder):
     root = image_folder({"train": {"ants": 1, "bees": 1, "wasps": 1}, "val": {"ants": 1, "bees": 1}})
-    with pytest.raises(DataError, match=r"class folder 'wasps' is in .*train but not in .*val"):
+    with pytest.raises(DataError, match=r"class folder 'wasps' is in train but not in val"):
         scan_image_folder(root)
+
+
+def test_every_missing_class_folder_is_one_error(image_folder):
+    root = image_folder({"train": {"ants": 1, "bees": 1, "wasps": 1}, "val": {"ants": 1, "bees": 1, "flies": 1},
+                         "test": {"ants": 1, "bees": 1, "wasps": 1}})
+    with pytest.raises(DataError) as err:
+        scan_image_folder(root)
+    msg = str(err.value)
+    assert "'flies' is in val but not in train, test" in msg and "'wasps' is in train, test but not in val" in msg
+
+
+def test_a_test_folder_is_read_when_it_is_there(image_folder):
+    root = image_folder({"train": {"ants": 2, "bees": 1}, "val": {"ants": 1, "bees": 1}})
+    assert list(scan_image_folder(root).files) == ["train", "val"]
+    image_folder({"test": {"ants": 1, "bees": 3}}, root=root)
+    index = scan_image_folder(root)
+    assert list(index.files) == ["train", "val", "test"]
+    assert [label for _, label in index.files["test"]] == [0, 1, 1, 1]
 
 
 def test_empty_class_is_named(image_folder):
@@ -80,6 +99,21 @@ def test_split_without_class_folders_is_named(image_folder):
     (root / "val").mkdir()
     with pytest.raises(DataError, match=r"val has no class sub-folders"):
         scan_image_folder(root)
+
+
+def test_tree_fingerprint_tracks_names_sizes_and_times(image_folder, tmp_path):
+    root = image_folder({"train": {"a": 2}, "val": {"a": 1}})
+    fingerprint, files, size = tree_fingerprint(root)
+    assert files == 3 and size == sum(p.stat().st_size for p in root.rglob("*.jpg"))
+    assert tree_fingerprint(root) == (fingerprint, files, size)
+    first = root / "train" / "a" / "a_0.jpg"
+    st = first.stat()
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert tree_fingerprint(root)[0] != fingerprint
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert tree_fingerprint(root)[0] == fingerprint
+    copy = shutil.copytree(root, tmp_path / "copy", copy_function=shutil.copy)  # new mtimes
+    assert tree_fingerprint(copy)[0] != fingerprint and tree_digest(copy) == tree_digest(root)
 
 
 def test_tree_digest_tracks_content_not_location(image_folder, tmp_path):

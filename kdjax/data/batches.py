@@ -64,16 +64,75 @@ class Batch(NamedTuple):
     mask: jax.Array  # bool [B]: False on padding
 
 
-@dataclasses.dataclass(frozen=True)
+# --data_in_memory auto: the device-resident path when the arrays take at most this share of one
+# device's memory (on CPU, of the host's RAM, which every simulated device's copy shares)
+DEVICE_MEMORY_SHARE = 0.25
+IN_MEMORY_CHOICES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Split:
+    """One split of a prepared cache: its records' index, random access to the records, and,
+    when the dataset is held in memory, its arrays (``eval``; ``train`` where augmented)."""
+
     name: str
-    filenames: tuple[str, ...]  # relative to the data folder, in torchvision's order
-    eval: EvalArrays
-    train: TrainArrays | None  # None unless the split was in ``augment_splits``
+    records: decode_cache.SplitRecords
+    source: object  # tfds ArrayRecordDataSource: record i is example i
+    augmented: bool  # the records store training images (``augment_splits``)
+    eval: EvalArrays | None  # None when streamed
+    train: TrainArrays | None  # None when streamed or not augmented
 
     @property
     def num_examples(self) -> int:
-        return len(self.filenames)
+        return len(self.records.filenames)
+
+    @property
+    def filenames(self) -> tuple[str, ...]:
+        """Relative to the data folder, in torchvision's order."""
+        return self.records.filenames
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.records.labels
+
+    @property
+    def canvas_shape(self) -> tuple[int, int]:
+        """(H, W) of the zero-padded canvas every training image is placed in: the split's largest."""
+        h, w = self.records.sizes.max(axis=0)
+        return int(h), int(w)
+
+    def in_memory_bytes(self, image_size: int) -> int:
+        """What the device-resident path places of this split on each device."""
+        n = self.num_examples
+        canvas = n * int(np.prod(self.canvas_shape)) * 3 if self.augmented else 0
+        return canvas + n * image_size * image_size * 3
+
+    def read(self, positions: Sequence[int]) -> list[dict]:
+        """The stored examples at ``positions`` (dataset indices), in that order."""
+        examples = self.source.__getitems__([int(i) for i in positions])
+        for i, ex in zip(positions, examples):
+            if ex["filename"].decode() != self.records.filenames[i]:  # tfds Text reads as bytes
+                raise DataError(f"decode cache {self.name} record {i} holds {ex['filename'].decode()}, its index "
+                                f"says {self.records.filenames[i]}: the cache is damaged; delete it and run again")
+        return examples
+
+    def train_rows(self, positions: np.ndarray) -> TrainArrays:
+        """The training images of ``positions`` (any shape of dataset indices), each on the split's
+        canvas: what ``take(self.train, positions)`` gives, read from the records."""
+        if not self.augmented:
+            raise ValueError(f"split {self.name!r} was loaded without training views")
+        flat = np.asarray(positions).reshape(-1)
+        canvas = np.zeros((flat.size, *self.canvas_shape, 3), np.uint8)
+        for k, ex in enumerate(self.read(flat)):
+            im = ex["image"]
+            canvas[k, : im.shape[0], : im.shape[1]] = im
+        shape = np.shape(positions)
+        return TrainArrays(canvas.reshape(*shape, *canvas.shape[1:]), self.records.sizes[flat].reshape(*shape, 2),
+                           self.records.orig_sizes[flat].reshape(*shape, 2), self.records.labels[flat].reshape(shape))
+
+    def eval_images(self, positions: np.ndarray) -> np.ndarray:
+        """torchvision's evaluation views of ``positions`` (dataset indices) ``[n, s, s, 3]`` uint8."""
+        return np.stack([ex["eval_image"] for ex in self.read(positions)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +142,16 @@ class Dataset:
     splits: Mapping[str, Split]
     cache_path: pathlib.Path
     decoded: bool  # True when this load decoded the images (the cache was cold)
+    in_memory: bool = True  # the splits' arrays are loaded (else they are streamed)
+    digested: bool = False  # True when this load read every file's bytes to identify the tree
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
+
+    @property
+    def test(self) -> Split | None:
+        """The held-out ``test/`` split when the tree has one."""
+        return self.splits.get("test")
 
 
 def _canvas(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,21 +164,49 @@ def _canvas(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return canvas, sizes
 
 
-def _read_split(name: str, source, train_view: bool) -> Split:
-    examples = source.__getitems__(list(range(len(source))))
-    examples.sort(key=lambda ex: int(ex["index"]))
-    labels = np.array([ex["label"] for ex in examples], np.int32)
+def _loaded(split: Split) -> Split:
+    """``split`` with its arrays read into host memory."""
+    examples = split.read(range(split.num_examples))
+    labels = split.labels
     train = None
-    if train_view:
+    if split.augmented:
         canvas, sizes = _canvas([ex["image"] for ex in examples])
-        orig = np.stack([ex["orig_size"] for ex in examples]).astype(np.int32)
-        train = TrainArrays(canvas, sizes, orig, labels)
-    return Split(
-        name=name,
-        filenames=tuple(ex["filename"].decode() for ex in examples),  # tfds Text reads as bytes
-        eval=EvalArrays(np.stack([ex["eval_image"] for ex in examples]), labels),
-        train=train,
-    )
+        train = TrainArrays(canvas, sizes, split.records.orig_sizes, labels)
+    images = np.stack([ex["eval_image"] for ex in examples])
+    return dataclasses.replace(split, eval=EvalArrays(images, labels), train=train)
+
+
+def memory_capacity() -> tuple[int, str]:
+    """Bytes of one local device's memory, and what they are (the host's RAM on CPU, where the
+    simulated devices share it: divided among them)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"{device.platform} device memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // jax.local_device_count(), f"host RAM / {jax.local_device_count()} local devices"
+
+
+def decide_in_memory(choice: str | bool, needed: int, share: float = DEVICE_MEMORY_SHARE) -> bool:
+    """``--data_in_memory``: ``on``/``off`` as said; ``auto`` holds the arrays on the devices when
+    ``needed`` bytes are at most ``share`` of ``memory_capacity()``, and streams otherwise."""
+    if isinstance(choice, bool):
+        return choice
+    if choice not in IN_MEMORY_CHOICES:
+        raise ValueError(f"--data_in_memory {choice!r}: choose one of {', '.join(IN_MEMORY_CHOICES)}")
+    if choice != "auto":
+        return choice == "on"
+    capacity, what = memory_capacity()
+    fits = needed <= share * capacity
+    log.info("--data_in_memory auto: the splits take %.2f GB per device, %s is %.2f GB: %s", needed / 1e9, what,
+             capacity / 1e9, "held in memory" if fits else f"streamed (more than {share:.0%})")
+    return fits
+
+
+def _unreadable_list(bad: Sequence[str]) -> str:
+    named = "\n  ".join(bad[: decode_cache.NAMED_UNREADABLE])
+    more = len(bad) - decode_cache.NAMED_UNREADABLE
+    return "\n  " + named + (f"\n  ... and {more} more" if more > 0 else "")
 
 
 def load_splits(
@@ -125,9 +219,16 @@ def load_splits(
     splits: Sequence[str] = DEFAULT_SPLITS,
     augment_splits: Sequence[str] = ("train",),
     extensions: Sequence[str] = IMG_EXTENSIONS,
+    in_memory: str | bool = "auto",
+    verify_data: bool = False,
 ) -> Dataset:
     """Decoded ``splits`` of the ImageFolder tree ``data_dir`` (``None``: hymenoptera, fetched
-    into ``cache_dir/downloads``); ``cache_dir`` defaults to ``$KDJAX_CACHE/datasets``.
+    into ``cache_dir/downloads``), plus its ``test/`` split where there is one; ``cache_dir``
+    defaults to ``$KDJAX_CACHE/datasets``.
+
+    ``in_memory`` (``--data_in_memory``): ``auto``/``on``/``off`` (``decide_in_memory``); a
+    streamed dataset holds only its records' index on the host and reads examples on demand.
+    ``verify_data`` digests every file's bytes even when the tree's fingerprint is known.
 
     Raises ``DataError`` for a malformed tree or unreadable images (unless ``skip_bad_images``,
     which leaves them out and lists them in a warning), ``kdjax.fetch.DownloadError`` when the
@@ -137,6 +238,8 @@ def load_splits(
     unknown = sorted(set(augment_splits) - set(splits))
     if unknown:
         raise ValueError(f"augment_splits {unknown} are not among the loaded splits {list(splits)}")
+    if not isinstance(in_memory, bool) and in_memory not in IN_MEMORY_CHOICES:
+        raise ValueError(f"--data_in_memory {in_memory!r}: choose one of {', '.join(IN_MEMORY_CHOICES)}")
     root = hymenoptera.fetch_hymenoptera(cache_dir / "downloads") if data_dir is None else data_dir
     index = scan_image_folder(root, splits, extensions)
     notice = ignored_notice(index)
@@ -145,26 +248,23 @@ def load_splits(
     spec = decode_cache.CacheSpec(
         image_size=image_size, max_side=max_side, augment_splits=tuple(augment_splits)
     )
-    prepared = decode_cache.prepare(index, spec, cache_dir, extensions)
+    prepared = decode_cache.prepare(index, spec, cache_dir, extensions, skip_bad_images=skip_bad_images,
+                                    verify=verify_data)
 
-    bad = [entry for split in splits for entry in prepared.unreadable.get(split, ())]
+    bad = [entry for split in index.files for entry in prepared.unreadable.get(split, ())]
     if bad and not skip_bad_images:
         raise DataError(
-            f"{len(bad)} unreadable image file(s) under {index.root}:\n  " + "\n  ".join(bad)
+            f"{len(bad)} unreadable image file(s) under {index.root}:" + _unreadable_list(bad)
             + "\nRepair or remove them, or pass --skip_bad_images to train without them."
         )
     if bad:
-        log.warning(
-            "--skip_bad_images: left out %d unreadable image file(s):\n  %s",
-            len(bad),
-            "\n  ".join(bad),
-        )
+        log.warning("--skip_bad_images: left out %d unreadable image file(s):%s", len(bad), _unreadable_list(bad))
 
     loaded = {
-        s: _read_split(s, prepared.sources[s], s in augment_splits) for s in splits
+        s: Split(s, prepared.records[s], prepared.sources[s], s in augment_splits, None, None) for s in index.files
     }
     for s, split in loaded.items():
-        counts = np.bincount(split.eval.labels, minlength=len(index.class_names))
+        counts = np.bincount(split.labels, minlength=len(index.class_names))
         empty = [index.class_names[c] for c in np.flatnonzero(counts == 0)]
         if empty:
             raise DataError(
@@ -172,7 +272,10 @@ def load_splits(
                 "readable image left after --skip_bad_images; add images or remove the class "
                 "from every split."
             )
-    return Dataset(index.root, index.class_names, loaded, prepared.path, prepared.decoded)
+    held = decide_in_memory(in_memory, sum(split.in_memory_bytes(image_size) for split in loaded.values()))
+    if held:
+        loaded = {s: _loaded(split) for s, split in loaded.items()}
+    return Dataset(index.root, index.class_names, loaded, prepared.path, prepared.decoded, held, prepared.digested)
 
 
 def epoch_order(
@@ -201,6 +304,29 @@ def epoch_order(
     return indices.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size)
 
 
+def take_rows(arrays: TrainArrays, indices: jax.Array) -> TrainArrays:
+    """The rows ``indices`` [B] of a device-resident split (what a stream reads on the host)."""
+    indices = jnp.asarray(indices)
+    return TrainArrays(*(jnp.take(a, indices, axis=0) for a in arrays))
+
+
+def train_views(
+    rows: TrainArrays,
+    indices: jax.Array,
+    mask: jax.Array,
+    seed,
+    epoch,
+    image_size: int,
+    crop: augment.CropConfig = augment.CropConfig(),
+) -> Batch:
+    """Augmented, normalised views of the examples ``indices`` [B] (dataset positions: they key
+    the views) whose images are ``rows`` [B]. ``image_size`` and ``crop`` are static under
+    ``jit``; ``seed`` and ``epoch`` may be traced."""
+    images = augment.train_views(
+        seed, epoch, jnp.asarray(indices), rows.canvas, rows.sizes, rows.orig_sizes, image_size, crop)
+    return Batch(images, jnp.asarray(rows.labels), jnp.asarray(mask))
+
+
 def train_batch(
     arrays: TrainArrays,
     indices: jax.Array,
@@ -210,20 +336,8 @@ def train_batch(
     image_size: int,
     crop: augment.CropConfig = augment.CropConfig(),
 ) -> Batch:
-    """Augmented, normalised views of the examples ``indices`` [B]. ``image_size`` and ``crop``
-    are static under ``jit``; ``seed`` and ``epoch`` may be traced."""
-    indices = jnp.asarray(indices)
-    images = augment.train_views(
-        seed,
-        epoch,
-        indices,
-        jnp.take(arrays.canvas, indices, axis=0),
-        jnp.take(arrays.sizes, indices, axis=0),
-        jnp.take(arrays.orig_sizes, indices, axis=0),
-        image_size,
-        crop,
-    )
-    return Batch(images, jnp.take(arrays.labels, indices, axis=0), jnp.asarray(mask))
+    """``train_views`` of the examples ``indices`` [B] of a device-resident split ``arrays``."""
+    return train_views(take_rows(arrays, indices), indices, mask, seed, epoch, image_size, crop)
 
 
 def eval_batch(arrays: EvalArrays, indices: jax.Array, mask: jax.Array) -> Batch:

@@ -23,11 +23,18 @@ pixels; every image no larger than the cap is stored losslessly at full resoluti
 
 The cache lives in ``<cache_dir>/<key>/`` where the key digests the source tree's content
 (``tree_digest``: relative paths and file bytes), the split and extension lists, the sizes and
-``FORMAT_VERSION``: a second run with the same inputs decodes nothing, any change to a file
-prepares a new cache. Unreadable images are recorded in the cache's metadata by their path
-relative to the tree, so the error (or, with ``skip_bad_images``, the warning) is the same on a
-warm run as on a cold one and names the files under the folder being loaded now: the key is the
-tree's content, not its place, so a copied or moved tree reuses the cache of the original.
+``FORMAT_VERSION``: any change to a file prepares a new cache. Reading every byte at every
+launch would cost minutes on a big tree, so ``<cache_dir>/fingerprints/`` maps the tree's
+``tree_fingerprint`` (names, sizes, mtimes: one ``stat`` per file) to the content key: a warm
+start reads no file, a new fingerprint (a changed, copied or moved tree) digests the content
+once, and ``--verify_data`` digests it at every start (an edit that kept size and mtime). The
+key is the content, not the place, so a copied or moved tree reuses the cache of the original.
+Unreadable images stop a cold prepare at the first one (a ``DataError`` naming it), or, with
+``skip_bad_images``, are recorded in the cache's metadata by their path relative to the tree,
+so the warning (or a later error) is the same on a warm run as on a cold one and names the
+files under the folder being loaded now. The metadata also holds each split's records index
+(``SplitRecords``: names, labels, stored and original sizes), what streaming needs without
+reading the records.
 
 Preparing a cold cache announces itself with one ``kdjax: decoding ...`` line and one progress
 bar over the images, both on stderr; tfds' own output (its "Downloading and preparing" banner,
@@ -37,15 +44,19 @@ its nested progress bars, its absl log records) is silenced while the cache is o
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -55,10 +66,10 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from tqdm import tqdm
 
 from kdjax.data import transforms
-from kdjax.data.folder import FolderIndex, tree_digest
+from kdjax.data.folder import DataError, FolderIndex, tree_digest, tree_fingerprint
 
 # Bump when what is stored, or how it is computed, changes: it is part of every cache key.
-FORMAT_VERSION = "1.1.0"  # 1.1.0: unreadable files recorded by relative path
+FORMAT_VERSION = "1.2.0"  # 1.1.0: unreadable files recorded by relative path; 1.2.0: records index
 DEFAULT_MAX_SIDE = 512
 
 
@@ -86,10 +97,12 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(root).expanduser() / "datasets"
 
 
-def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str]) -> str:
+def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str], tree: str) -> str:
+    """The cache's name: ``tree`` (the source's ``tree_digest``, or its ``tree_fingerprint`` for
+    the record that maps fingerprints to caches) with everything that changes what is stored."""
     payload = {
         "format": FORMAT_VERSION,
-        "tree": tree_digest(index.root),
+        "tree": tree,
         "splits": list(index.files),
         "extensions": sorted(e.lower() for e in extensions),
         "image_size": spec.image_size,
@@ -122,6 +135,28 @@ def decode_example(path: os.PathLike | str, spec: CacheSpec, train_view: bool) -
     }
 
 
+UNREADABLE_HINT = "Repair or remove it, or pass --skip_bad_images to leave unreadable files out (and list them)."
+# How many unreadable files a message names; the rest are counted.
+NAMED_UNREADABLE = 20
+
+
+def ordered_map(fn: Callable, items: Sequence, workers: int | None = None, ahead: int = 4) -> Iterator:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` x ``workers`` results
+    pending (``Executor.map`` submits everything at once, so a slow consumer holds every result).
+    PIL releases the GIL while decoding and resizing, so threads use every core."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in itertools.islice(it, ahead * workers):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+
+
 # Stands for the image's path in a recorded read error: the message is stored without the
 # absolute path the cache was built from, and gets the path under the current tree on reading.
 _FILE = "<file>"
@@ -137,6 +172,8 @@ class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
         self._spec = spec
         # called with 1 per file decoded (or found unreadable); ``prepare`` sets its progress bar
         self.progress: Callable[[int], object] = lambda n: None
+        # the first unreadable file stops the prepare (a DataError naming it) unless skipped
+        self.stop_on_unreadable = True
         super().__init__(file_format="array_record", **kwargs)
 
     # tfds prints these two banners ("Downloading and preparing dataset Unknown size ...",
@@ -174,6 +211,7 @@ class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         self.info.metadata["source"] = str(self._index.root)
         self.info.metadata["unreadable"] = {}
+        self.info.metadata["records"] = {}
         return {split: self._generate_examples(split) for split in self._index.files}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
@@ -186,19 +224,41 @@ class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
             try:
                 return decode_example(path, self._spec, train_view)
             except transforms.ImageReadError as err:
+                if self.stop_on_unreadable:
+                    raise DataError(f"{err}\n{UNREADABLE_HINT}") from err
                 # "<path>: cannot read image (<reason>)", where PIL's reason may name the path too
                 return transforms.ImageReadError(str(err).replace(str(path), _FILE))
 
-        # PIL releases the GIL while decoding and resizing, so threads use every core.
-        workers = min(8, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for i, ((rel, label), arrays) in enumerate(zip(entries, pool.map(decode, entries))):
-                self.progress(1)
-                if isinstance(arrays, Exception):
-                    unreadable.append({"file": rel, "message": str(arrays)})
-                    continue
-                yield i, {**arrays, "label": label, "filename": rel, "index": i}
+        records = {"filename": [], "label": [], "size": [], "orig_size": []}
+        for i, ((rel, label), arrays) in enumerate(zip(entries, ordered_map(decode, entries))):
+            self.progress(1)
+            if isinstance(arrays, Exception):
+                unreadable.append({"file": rel, "message": str(arrays)})
+                continue
+            records["filename"].append(rel)
+            records["label"].append(label)
+            records["size"].append(list(arrays["image"].shape[:2]))
+            records["orig_size"].append(arrays["orig_size"].tolist())
+            yield i, {**arrays, "label": label, "filename": rel, "index": i}
         self.info.metadata["unreadable"][split] = unreadable
+        # what a streaming reader needs without reading the records (kdjax.data.batches)
+        self.info.metadata["records"][split] = records
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRecords:
+    """What the cache recorded of a split's stored examples, in record order (torchvision's file
+    order, unreadable files left out): enough to stream it without reading the records first."""
+
+    filenames: tuple[str, ...]
+    labels: np.ndarray  # int32 [N]
+    sizes: np.ndarray  # int32 [N, 2]: (h, w) of the stored training image (1x1 where not stored)
+    orig_sizes: np.ndarray  # int32 [N, 2]: (h, w) of the source file
+
+    @classmethod
+    def from_metadata(cls, m: Mapping) -> "SplitRecords":
+        return cls(tuple(m["filename"]), np.asarray(m["label"], np.int32).reshape(-1),
+                   np.asarray(m["size"], np.int32).reshape(-1, 2), np.asarray(m["orig_size"], np.int32).reshape(-1, 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +267,11 @@ class PreparedCache:
 
     path: pathlib.Path
     sources: Mapping[str, object]  # split -> tfds ArrayRecordDataSource (random access)
+    records: Mapping[str, SplitRecords]
     # split -> "<path>: <reason>" per skipped file, <path> under the index passed to ``prepare``
     unreadable: Mapping[str, tuple[str, ...]]
     decoded: bool  # True when this call decoded the images (a cold cache)
+    digested: bool  # True when this call read every file's bytes (a new or verified tree)
 
 
 def _not_tfds_chatter(record: logging.LogRecord) -> bool:
@@ -219,8 +281,12 @@ def _not_tfds_chatter(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def _quiet_tfds(scratch_parent: pathlib.Path) -> Iterator[None]:
     """Silence tfds' progress bars and its absl log records below ERROR, for this block only.
+
+    tfds also makes an empty temporary folder whenever it opens a builder that is not prepared
+    yet (``DatasetInfo.initialize_from_bucket``) and never removes it; ``tempfile`` points into a
+    scratch folder under ``scratch_parent`` meanwhile, removed on exit.
 
     tfds announces its steps through ``absl.logging`` (e.g. "Variant folder ... has no
     dataset_info.json" on every cold cache) and draws nested tqdm bars ("Generating splits",
@@ -237,13 +303,42 @@ def _quiet_tfds() -> Iterator[None]:
     absl_logger.addFilter(_not_tfds_chatter)
     if placeholder is not None:
         logging.root.addHandler(placeholder)
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    scratch, tempdir_was = tempfile.mkdtemp(prefix=".tfds-scratch-", dir=scratch_parent), tempfile.tempdir
+    tempfile.tempdir = scratch
     try:
         yield
     finally:
+        tempfile.tempdir = tempdir_was
+        shutil.rmtree(scratch, ignore_errors=True)
         if placeholder is not None:
             logging.root.removeHandler(placeholder)
         absl_logger.removeFilter(_not_tfds_chatter)
         tfds.display_progress_bar(bars_were_on)
+
+
+def _fingerprint_record(cache_dir: pathlib.Path, fast_key: str) -> pathlib.Path:
+    return cache_dir / "fingerprints" / f"{fast_key[:24]}.json"
+
+
+# A tree of more bytes than this announces its content digest and shows its progress.
+DIGEST_NOTICE_BYTES = 256 << 20
+
+
+def _content_digest(index: FolderIndex, num_files: int, num_bytes: int) -> str:
+    if num_bytes <= DIGEST_NOTICE_BYTES:
+        return tree_digest(index.root)
+    print(f"kdjax: reading the {num_files} files ({num_bytes / 1e9:.1f} GB) under {index.root} to identify them "
+          "(once per change of the tree; --verify_data does it on every start)", file=sys.stderr, flush=True)
+    with tqdm(total=num_files, desc="digest", unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+        return tree_digest(index.root, progress=bar.update)
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare(
@@ -251,15 +346,33 @@ def prepare(
     spec: CacheSpec,
     cache_dir: os.PathLike | str,
     extensions: Sequence[str],
+    *,
+    skip_bad_images: bool = False,
+    verify: bool = False,
 ) -> PreparedCache:
     """Open the cache for ``index`` under ``cache_dir``, decoding the images if it is cold.
 
-    A cold cache prints one line saying what is decoded from where into where, then a progress
-    bar over the images, on stderr; a warm one prints nothing.
+    Finding the cache reads no file's bytes when the tree's ``tree_fingerprint`` (names, sizes,
+    mtimes) was seen before: ``<cache_dir>/fingerprints/`` maps it to the content key. A new
+    fingerprint (a new, changed, copied or moved tree), or ``verify``, computes the content digest,
+    so a copied tree still finds the cache of the original. A cold cache prints one line saying
+    what is decoded from where into where, then a progress bar over the images, on stderr; a warm
+    one prints nothing. Without ``skip_bad_images`` the first unreadable file stops a cold
+    prepare with a ``DataError`` naming it, and nothing is written.
     """
-    key = cache_key(index, spec, extensions)[:24]
-    path = pathlib.Path(cache_dir).expanduser().absolute() / key
-    with _quiet_tfds():
+    cache_dir = pathlib.Path(cache_dir).expanduser().absolute()
+    fingerprint, num_files, num_bytes = tree_fingerprint(index.root)
+    record = _fingerprint_record(cache_dir, cache_key(index, spec, extensions, fingerprint))
+    key = None
+    if record.is_file() and not verify:
+        key = json.loads(record.read_text())["key"]
+        if not (cache_dir / key).is_dir():
+            key = None  # the cache was deleted: identify the content again
+    digested = key is None
+    if digested:
+        key = cache_key(index, spec, extensions, _content_digest(index, num_files, num_bytes))[:24]
+    path = cache_dir / key
+    with _quiet_tfds(cache_dir):
         builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
         decoded = not builder.is_prepared()
         if decoded:
@@ -274,12 +387,15 @@ def prepare(
                 total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
             ) as bar:
                 builder.progress = bar.update
+                builder.stop_on_unreadable = not skip_bad_images
                 builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(
                         compute_stats=tfds.download.ComputeStatsMode.SKIP
                     )
                 )
         sources = builder.as_data_source()
+    if digested:
+        _write_atomic(record, json.dumps({"key": key, "source": str(index.root)}))
     recorded = builder.info.metadata.get("unreadable", {})
     unreadable = {
         split: tuple(
@@ -287,4 +403,5 @@ def prepare(
         )
         for split, entries in recorded.items()
     }
-    return PreparedCache(path, sources, unreadable, decoded)
+    records = {split: SplitRecords.from_metadata(m) for split, m in builder.info.metadata["records"].items()}
+    return PreparedCache(path, sources, records, unreadable, decoded, digested)

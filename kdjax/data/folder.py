@@ -14,13 +14,15 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from kdjax.fetch import sha256_file
 
 # torchvision.datasets.folder.IMG_EXTENSIONS; `.gif` is deliberately absent (the seed's 244).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_SPLITS = ("train", "val")
+# read when the folder is there: a held-out split that model selection never looks at
+OPTIONAL_SPLITS = ("test",)
 
 
 class DataError(ValueError):
@@ -51,8 +53,12 @@ def scan_image_folder(
     root: os.PathLike | str,
     splits: Sequence[str] = DEFAULT_SPLITS,
     extensions: Sequence[str] = IMG_EXTENSIONS,
+    optional: Sequence[str] = OPTIONAL_SPLITS,
 ) -> FolderIndex:
-    """List ``root``'s splits, classes and images; raise ``DataError`` on a malformed tree."""
+    """List ``root``'s splits, classes and images; raise ``DataError`` on a malformed tree.
+
+    ``optional`` splits (a held-out ``test/``) are read where their folder exists, under the same
+    rules as the others."""
     root = pathlib.Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DataError(
@@ -69,6 +75,7 @@ def scan_image_folder(
             "each holding one sub-folder per class."
         )
 
+    splits = tuple(splits) + tuple(s for s in optional if s not in splits and (root / s).is_dir())
     classes_per_split = {
         s: sorted(e.name for e in os.scandir(root / s) if e.is_dir()) for s in splits
     }
@@ -79,16 +86,17 @@ def scan_image_folder(
                 f"{root / s}/<class name>/."
             )
     all_classes = sorted(set().union(*classes_per_split.values()))
+    gaps = []
     for c in all_classes:
         lacking = [s for s in splits if c not in classes_per_split[s]]
         if lacking:
             having = [s for s in splits if s not in lacking]
-            raise DataError(
-                f"class folder {c!r} is in {', '.join(str(root / s) for s in having)} but not in "
-                f"{', '.join(str(root / s) for s in lacking)}; every split needs the same class "
-                "folders (labels are their sorted names). Add the missing folder or remove the "
-                "extra one."
-            )
+            gaps.append(f"{c!r} is in {', '.join(having)} but not in {', '.join(lacking)}")
+    if gaps:
+        raise DataError(
+            f"data folder {root}: every split needs the same class folders (labels are their sorted names), "
+            f"but class folder {'; '.join(gaps)}. Add the missing folders or remove the extra ones."
+        )
 
     class_to_label = {c: i for i, c in enumerate(all_classes)}
     files: dict[str, tuple[tuple[str, int], ...]] = {}
@@ -133,19 +141,43 @@ def ignored_notice(index: FolderIndex) -> str | None:
     )
 
 
-def tree_digest(root: os.PathLike | str) -> str:
+def _tree_files(root: pathlib.Path) -> list[str]:
+    return [os.path.join(d, f) for d, _, fnames in os.walk(root, followlinks=True) for f in fnames]
+
+
+def tree_digest(root: os.PathLike | str, progress: Callable[[int], object] | None = None) -> str:
     """SHA-256 over the sorted (relative path, SHA-256 of bytes) of every file under ``root``.
 
     Independent of timestamps, permissions and the order the file system lists entries in, so
-    it identifies a tree's content: an added, removed, renamed or edited file changes it.
+    it identifies a tree's content: an added, removed, renamed or edited file changes it. Reads
+    every byte; ``progress(n)`` is called per file hashed.
     """
     root = pathlib.Path(root)
     entries = []
-    for dirpath, _, fnames in os.walk(root, followlinks=True):
-        for fname in fnames:
-            path = os.path.join(dirpath, fname)
-            entries.append((_rel(path, root), sha256_file(path)))
+    for path in _tree_files(root):
+        entries.append((_rel(path, root), sha256_file(path)))
+        if progress is not None:
+            progress(1)
     digest = hashlib.sha256()
     for rel, sha in sorted(entries):
         digest.update(f"{rel}\0{sha}\n".encode())
     return digest.hexdigest()
+
+
+def tree_fingerprint(root: os.PathLike | str) -> tuple[str, int, int]:
+    """SHA-256 over the sorted (relative path, size, modification time in ns) of every file under
+    ``root``, the number of files and their bytes: what a warm start reads instead of the bytes.
+
+    It changes when a file is added, removed, renamed, resized or rewritten (a new mtime); an
+    edit that keeps both size and mtime (``touch -r``, some copy tools) is only seen by
+    ``tree_digest`` (``--verify_data``). A copied tree has new mtimes, so a new fingerprint.
+    """
+    root = pathlib.Path(root)
+    entries = []
+    for path in _tree_files(root):
+        st = os.stat(path)
+        entries.append((_rel(path, root), st.st_size, st.st_mtime_ns))
+    digest = hashlib.sha256()
+    for rel, size, mtime in sorted(entries):
+        digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest(), len(entries), sum(size for _, size, _ in entries)
