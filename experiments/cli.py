@@ -24,6 +24,13 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                         "keeps the architecture's proportion, 256/224)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed in a warning) instead of stopping")
+    g.add_argument("--data_in_memory", choices=("auto", "on", "off"), default="auto",
+                   help="hold the decoded splits on every device (on), stream each process's rows of every "
+                        "batch from the decode cache (off), or hold them when they take at most 25%% of one "
+                        "device's memory (auto; on CPU, of the host's RAM shared by its devices)")
+    g.add_argument("--verify_data", action="store_true",
+                   help="read every file's bytes to identify the data tree at this start (by default a tree "
+                        "seen before is recognised by its names, sizes and modification times)")
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
@@ -250,7 +257,8 @@ def load_data(args: argparse.Namespace, arch: str):
     # process 0 downloads and decodes first: the others then find the shared cache filled
     with distributed.primary_first("experiments.cli.load_data"):
         return data.load_splits(args.data_dir, image_size=image_size(args, arch), cache_dir=args.cache_dir,
-                                skip_bad_images=args.skip_bad_images)
+                                skip_bad_images=args.skip_bad_images, in_memory=args.data_in_memory,
+                                verify_data=args.verify_data)
 
 
 def accelerated() -> bool:

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from kdjax import checkpoint, data, distributed, losses, models, optim, sharding, teacher_cache
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
-from kdjax.data import augment
+from kdjax.data import augment, stream
 
 GroupMode = Literal["single", "vmap", "shared"]
 
@@ -461,6 +461,7 @@ def group_step(
     mode: GroupMode = "vmap",
     t_given: jax.Array | None = None,
     emit_teacher: bool = False,
+    rows: data.TrainArrays | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step of every run of a group.
 
@@ -472,15 +473,23 @@ def group_step(
     ``t_given``: the teacher's logits on these views ``[S, ..., B, C]`` (read from a
     ``kdjax.teacher_cache``), so the teacher does not run; ``emit_teacher`` adds the logits it
     computed to the metrics as ``TEACHER_LOGITS`` (to fill one).
+
+    ``rows``: the examples' stored images ``[S, B, ...]`` read on the host (a streamed split,
+    ``kdjax.data.stream``; ``train_split`` is then ``None``), else gathered from ``train_split``.
     """
-    views = functools.partial(data.train_batch, image_size=spec.image_size)
+    if rows is None:
+        rows = jax.vmap(lambda i: data.take_rows(train_split, i))(indices)
+
+    def views(r, i, m, s, e):
+        return data.train_views(r, i, m, s, e, image_size=spec.image_size)
+
     if mode == "single":
-        batch = _constrain(views(train_split, indices[0], mask[0], layout.seeds[0], epoch), mesh, 0)
+        batch = _constrain(views(_take(rows, 0), indices[0], mask[0], layout.seeds[0], epoch), mesh, 0)
         t = teacher_outputs(spec, teacher_vars, batch.images) if t_given is None else losses.Outputs(t_given[0])
         state, metrics = student_step(_squeeze(states), batch, t, _squeeze(hparams), spec, seed=layout.seeds[0])
         state, metrics = _expand(state), _expand(metrics)
         return state, ({**metrics, TEACHER_LOGITS: t.logits[None]} if emit_teacher else metrics)
-    batches = jax.vmap(lambda i, m, s: views(train_split, i, m, s, epoch))(indices, mask, layout.seeds)
+    batches = jax.vmap(lambda r, i, m, s: views(r, i, m, s, epoch))(rows, indices, mask, layout.seeds)
     batches = _constrain(batches, mesh, 1)
     if t_given is None:
         t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
@@ -569,16 +578,24 @@ def group_eval_outputs(spec: StepSpec, variables, images: jax.Array, layout: Lay
     return losses.Outputs(jax.vmap(lambda h, f: arch.classify(spec.student, h, f))(head, run_feats))
 
 
-def map_eval_batches(fn: Callable[[jax.Array], Any], images: jax.Array, batch_size: int,
-                     example_axis: int = 0) -> Any:
+def map_eval_batches(fn: Callable[[jax.Array], Any], images, batch_size: int, example_axis: int = 0,
+                     mesh=None) -> Any:
     """``fn`` over fixed-shape batches of ``images`` (the last one padded, so one compilation),
-    its outputs (a pytree) joined along ``example_axis``, the padding cut off."""
-    n = images.shape[0]
-    steps = math.ceil(n / batch_size)
-    pad = steps * batch_size - n
-    if pad:
-        images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-    out = [fn(images[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
+    its outputs (a pytree) joined along ``example_axis``, the padding cut off.
+
+    ``images``: a device array ``[N, s, s, 3]``, or a streamed ``data.Split`` whose evaluation
+    views each process reads on the host (its own rows of each batch, placed over ``mesh``)."""
+    if isinstance(images, data.Split):
+        n = images.num_examples
+        mesh = mesh or sharding.data_mesh()
+        out = [fn(b) for b in stream.eval_batches(images, batch_size, sharding.batch_sharding(mesh))]
+    else:
+        n = images.shape[0]
+        steps = math.ceil(n / batch_size)
+        pad = steps * batch_size - n
+        if pad:
+            images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+        out = [fn(images[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
     joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=example_axis), *out)
     return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, n, axis=example_axis), joined)
 
@@ -642,14 +659,14 @@ def teacher_eval_outputs(spec: StepSpec, teacher_vars, images: jax.Array, batch_
         return all_outputs(spec.teacher, teacher_vars, images, batch_size, spec.teacher_taps, mesh,
                            spec.teacher_view)
     return map_eval_batches(lambda b: _teacher_eval_outputs_jit(spec, teacher_vars, b, mesh=mesh), images,
-                            batch_size, example_axis=1)
+                            batch_size, example_axis=1, mesh=mesh)
 
 
 def all_outputs(model, variables, images: jax.Array, batch_size: int, taps=(), mesh=None,
                 view: augment.View | None = None) -> losses.Outputs:
     """Eval-mode outputs for every image, in fixed-shape batches (the last one padded)."""
     return map_eval_batches(lambda b: _eval_outputs_jit(model, variables, b, taps, mesh, view), images,
-                            batch_size)
+                            batch_size, mesh=mesh)
 
 
 # --------------------------------------------------------------------------- the host loop
@@ -924,7 +941,7 @@ def _check_runs(runs: Sequence[Run], dataset: data.Dataset, student_arch: str, t
             raise ValueError(f"--loss term {feature_terms[0]} reads feature taps, which one teacher has: give one "
                              f"--teacher_file, or logit terms only with {len(teacher.members)} teachers")
     sharding.check_batch_size(first.config.batch_size, mesh)
-    if dataset["train"].train is None:
+    if not dataset["train"].augmented:
         raise ValueError("the dataset was loaded without training views for its 'train' split")
 
 
@@ -948,8 +965,9 @@ class _Setup:
 def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_arch: str,
            teacher: Teacher | None, mesh, scan: bool) -> _Setup:
     repl = sharding.replicated(mesh)
-    # Host data that every process holds alike, copied by each process onto its own devices.
-    val_images = distributed.put_replicated(dataset["val"].eval.images, repl)
+    # Host data that every process holds alike, copied by each process onto its own devices;
+    # a streamed dataset stays on the host, read batch by batch (kdjax.data.stream)
+    val_images = distributed.put_replicated(dataset["val"].eval.images, repl) if dataset.in_memory else dataset["val"]
     teacher_vars = None if teacher is None else distributed.put_replicated(teacher.variables, repl)
     t_val = None
     if teacher is not None:  # frozen teacher, fixed val views: once for every run of the call
@@ -959,10 +977,11 @@ def _setup(spec: StepSpec, config: TrainConfig, dataset: data.Dataset, student_a
             teacher_eval_outputs(spec, teacher_vars, val_images, config.batch_size, mesh))
     return _Setup(
         spec=spec, mesh=mesh,
-        train_split=distributed.put_replicated(dataset["train"].train, repl),
+        train_split=distributed.put_replicated(dataset["train"].train, repl) if dataset.in_memory else dataset["train"],
         val_images=val_images,
-        val_labels=distributed.put_replicated(dataset["val"].eval.labels, repl),
-        teacher_vars=teacher_vars, t_val=t_val, student_arch=student_arch, dataset=dataset, scan=scan,
+        val_labels=distributed.put_replicated(dataset["val"].labels, repl),
+        teacher_vars=teacher_vars, t_val=t_val, student_arch=student_arch, dataset=dataset,
+        scan=scan and dataset.in_memory,
     )
 
 
@@ -1023,7 +1042,13 @@ def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_
     states and per-step metrics ``[steps, K]`` on the host.
 
     With ``cache``, an epoch whose teacher logits are stored for every one of ``seeds`` reads
-    them instead of running the teacher; otherwise the teacher's logits are written there."""
+    them instead of running the teacher; otherwise the teacher's logits are written there.
+
+    ``train_split`` is the device-resident ``TrainArrays`` or a streamed ``data.Split``, whose
+    rows each process reads ahead on the host (``kdjax.data.stream``; host loop only)."""
+    streamed = isinstance(train_split, data.Split)
+    if streamed and scan:
+        raise ValueError("a streamed split trains in a host loop of steps: scan=False")
     epoch_ = jnp.int32(epoch)
     t_given, emit = None, False
     if cache is not None:
@@ -1046,13 +1071,16 @@ def run_group_epoch(states, teacher_vars, train_split, order: np.ndarray, order_
         metrics = distributed.to_host(metrics)
     else:
         steps = []
+        at_1 = sharding.batch_sharding_at(mesh, 1)
+        feed = stream.train_steps(train_split, order, at_1) if streamed else None
         for i, (indices, mask) in enumerate(zip(order, order_mask)):
             t = None if t_given is None else distributed.put_batch(
                 t_given[i], sharding.batch_sharding_at(mesh, t_axis - 1))
+            rows = None if feed is None else stream.put_rows(next(feed), at_1, order.shape[2])
             states, m = _group_step_jit(
-                states, teacher_vars, train_split,
-                *distributed.put_batch((indices, mask), sharding.batch_sharding_at(mesh, 1)),
-                epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode, t_given=t, emit_teacher=emit)
+                states, teacher_vars, None if streamed else train_split,
+                *distributed.put_batch((indices, mask), at_1),
+                epoch_, hparams, layout, spec=spec, mesh=mesh, mode=mode, t_given=t, emit_teacher=emit, rows=rows)
             steps.append(m)
         steps = distributed.to_host(steps)
         metrics = {k: np.stack([m[k] for m in steps]) for k in steps[0]}
@@ -1071,7 +1099,7 @@ def group_val_outputs(spec: StepSpec, states, val_images, layout: Layout, batch_
     s_vars = {"params": states.params, "batch_stats": states.batch_stats}
     return map_eval_batches(
         lambda b: _group_eval_outputs_jit(spec, s_vars, b, layout, mesh=mesh, mode=mode),
-        val_images, batch_size, example_axis=1)
+        val_images, batch_size, example_axis=1, mesh=mesh)
 
 
 def _train_group(setup: _Setup, members: Sequence[tuple[int, Run, RunStore, Any]], start: int,

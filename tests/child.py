@@ -3,7 +3,7 @@ gloo). For the kill-and-resume test (tests/test_train.py) and the multi-process 
 (tests/test_distributed.py); conftest's ``child_command`` and ``child_env`` start it.
 
     python tests/child.py WORKDIR IMAGES CACHE [--student_train fc|all] [--devices N] [--epochs E]
-        [--kill-during-epoch E]
+        [--kill-during-epoch E] [--data_in_memory on|off]
         [--coordinator_address HOST:PORT --num_processes P --process_id I] [--heartbeat_timeout S]
 
 32 px, ResNet-18 student and teacher (random), batch 4, through ``kdjax.distributed`` the way the
@@ -19,6 +19,7 @@ has been checkpointed, i.e. while epoch E is being computed: the harshest interr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import threading
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--kill-during-epoch", type=int, default=0)
+    parser.add_argument("--data_in_memory", choices=("on", "off"), default="on")
     parser.add_argument("--coordinator_address")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
@@ -58,7 +60,21 @@ def main() -> int:
     from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
     with distributed.primary_first("child.data"):
-        dataset = data.load_splits(args.images, image_size=32, cache_dir=args.cache)
+        dataset = data.load_splits(args.images, image_size=32, cache_dir=args.cache, in_memory=args.data_in_memory)
+    read = []  # the training records this process reads (a streamed split)
+    if not dataset.in_memory:
+        source = dataset["train"].source
+
+        class Counting:
+            def __len__(self):
+                return len(source)
+
+            def __getitems__(self, keys):
+                read.extend(keys)
+                return source.__getitems__(keys)
+
+        train_split = dataclasses.replace(dataset["train"], source=Counting())
+        dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": train_split})
     teacher_model = models.create_model("resnet18", 2)
     teacher_vars = jax.device_get(models.init_variables(teacher_model, jax.random.key(1), 32))
     teacher = train.Teacher("resnet18", teacher_model, teacher_vars, checkpoint.fingerprint(teacher_vars))
@@ -78,6 +94,8 @@ def main() -> int:
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
     train.train_and_evaluate(config, args.workdir, dataset, student_vars, teacher=teacher, on_epoch=on_epoch)
+    if not dataset.in_memory:
+        print(f"child: read {len(read)} training records", flush=True)
     return 0
 
 

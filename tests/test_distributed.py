@@ -120,13 +120,13 @@ class Launcher:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, workdir, processes: int, devices: int,
-              kill: tuple[int, int] | None = None) -> list[subprocess.Popen]:
+              kill: tuple[int, int] | None = None, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
         """``kill=(process, epoch)``: that process SIGKILLs itself during that epoch."""
         address = f"127.0.0.1:{_free_port()}"
         started = []
         for pid in range(processes):
             cmd = child_command(workdir, self.folder, self.cache, "--devices", devices,
-                                "--heartbeat_timeout", HEARTBEAT)
+                                "--heartbeat_timeout", HEARTBEAT, *extra)
             if kill is not None and kill[0] == pid:
                 cmd += ["--kill-during-epoch", str(kill[1])]
             if processes > 1:
@@ -178,6 +178,9 @@ def runs(tmp_path_factory):
 
         resumed = launcher.start("resumed", root / "shared", 1, 4)
         _wait(resumed, 900)
+        # two processes streaming: each reads only its own rows of every batch
+        streamed = launcher.start("streamed", root / "streamed", 2, 2, extra=("--data_in_memory", "off"))
+        _wait(streamed, 900)
     finally:
         launcher.kill_all()
     print(f"survivor: status {survivor.returncode}, {times[1] - times[0]:.1f} s after its peer died")
@@ -187,6 +190,8 @@ def runs(tmp_path_factory):
         "survivor": (survivor.returncode, times[1] - times[0], launcher.log("killed", 0)),
         "resumed": (resumed[0].returncode, launcher.log("resumed", 0), read_history(root / "shared")),
         "train_log": (root / "shared" / "train.log").read_text(),
+        "streamed": ([p.returncode for p in streamed], [launcher.log("streamed", i) for i in range(2)],
+                     read_history(root / "streamed")),
     }
 
 
@@ -195,6 +200,15 @@ def test_two_processes_compute_the_metrics_of_one(runs):
     assert code == 0 and [r["epoch"] for r in straight] == [1, 2, 3]
     # the 2-process run's epochs 1-2 are in the resumed history, untouched by the restart
     assert_same_history(runs["resumed"][2][:2], straight[:2], RTOL)
+
+
+def test_two_streaming_processes_compute_the_metrics_of_one_holding_the_data(runs):
+    codes, logs, history = runs["streamed"]
+    assert codes == [0, 0], logs[1][-3000:]
+    assert_same_history(history, runs["straight"][1], RTOL)
+    # 12 training images x 3 epochs, batch 4 split 2 + 2: each process reads its half of every batch
+    for log in logs:
+        assert "child: read 18 training records" in log, log[-3000:]
 
 
 def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_one_clear_line(runs):

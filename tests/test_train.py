@@ -114,14 +114,18 @@ def _child(workdir, folder, cache, *extra, check=True):
                           capture_output=True, text=True, env=child_env(), check=check, timeout=900)
 
 
-def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path):
+@pytest.mark.parametrize("data_in_memory", ["on", "off"])
+def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path, data_in_memory):
+    """The uninterrupted run holds its data on the devices; the killed one (``off``) streams it:
+    the restart's metrics equal the straight run's exactly either way."""
     cache = tmp_path / "cache"
     _child(tmp_path / "straight", folder, cache)
-    killed = _child(tmp_path / "killed", folder, cache, "--kill-during-epoch", "2", check=False)
+    flag = ("--data_in_memory", data_in_memory)
+    killed = _child(tmp_path / "killed", folder, cache, "--kill-during-epoch", "2", *flag, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # it died during epoch 2: only epoch 1 is on disk
     assert [r["epoch"] for r in read_history(tmp_path / "killed")] == [1]
-    resumed = _child(tmp_path / "killed", folder, cache)
+    resumed = _child(tmp_path / "killed", folder, cache, *flag)
     assert "resuming" in resumed.stderr
     assert read_history(tmp_path / "killed") == read_history(tmp_path / "straight")
 

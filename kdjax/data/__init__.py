@@ -6,7 +6,8 @@ on-device augmentation and fixed-shape masked batches.
     decode_cache  decode once into a tfds array_record cache keyed by the tree's digest
     transforms    torchvision's eval view (Resize + CenterCrop) on the host
     augment       RandomResizedCrop + flip + Normalize on the device, counter-based keys
-    batches       load the splits, epoch orders, train and eval batches
+    batches       load the splits (held in memory or read on demand), epoch orders, batches
+    stream        read a split's batches ahead on the host, each process its own rows (grain)
 
 The names below are imported on first use, so ``kdjax.data.transforms`` (what prediction needs)
 does not pull in tfds.
@@ -20,7 +21,8 @@ _LAZY = {
     "Batch": "batches", "Dataset": "batches", "EvalArrays": "batches", "Split": "batches",
     "TrainArrays": "batches", "epoch_order": "batches", "eval_batch": "batches",
     "load_splits": "batches", "train_batch": "batches", "put_batch": "batches",
-    "put_epoch_order": "batches", "put_replicated": "batches",
+    "put_epoch_order": "batches", "put_replicated": "batches", "take_rows": "batches",
+    "train_views": "batches", "decide_in_memory": "batches", "IN_MEMORY_CHOICES": "batches",
     "DataError": "folder",
 }
 
