@@ -175,8 +175,11 @@ def run_paper(
     results = train.train_runs(runs, dataset, student_arch=config.student_arch, teacher=teacher,
                                vectorize=vectorize, scan_epochs=scan_epochs, teacher_cache_dir=teacher_cache_dir)
     runs_by_alpha: dict[float, list[list[dict]]] = {}
+    tests_by_alpha: dict[float, list[dict]] = {}
     for (alpha, run), result in zip(jobs, results):
         runs_by_alpha.setdefault(alpha, []).append(result.history)
+        if result.test is not None:
+            tests_by_alpha.setdefault(alpha, []).append(result.test)
         if tensorboard and distributed.is_primary():
             logdir = out / "tensorboard" / alpha_dir(alpha) / f"run_{run}"
             report.write_tensorboard(logdir, result.history, purge_step=1)
@@ -195,7 +198,7 @@ def run_paper(
     }
     if not distributed.is_primary():
         return None
-    summary = report.write_summary(out, runs_by_alpha, num_val, extra=extra)
+    summary = report.write_summary(out, runs_by_alpha, num_val, extra=extra, tests_by_alpha=tests_by_alpha or None)
     if plots:
         report.plot_curves(out / "plots", runs_by_alpha)
     return summary

@@ -79,6 +79,11 @@ HONEST_NOTE = (
     "is scored on, so best val accuracy is optimistically biased; the final accuracy is not "
     "selected. Accuracies move in steps of one validation image."
 )
+TEST_NOTE = (
+    "Test: the data has a held-out test split. Each run's model is selected on val (its best "
+    "epoch, as above) and scored once on test, which selection never saw: test acc is the "
+    "unbiased figure of the selected model."
+)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -147,8 +152,9 @@ def seed_table(runs_by_alpha: RunsByAlpha) -> list[dict[str, Any]]:
     return rows
 
 
-def run_numbers(history: History, num_val: int) -> dict[str, Any]:
-    """One run's figures: final and best val accuracy (with image counts), best epoch, extras.
+def run_numbers(history: History, num_val: int, test: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One run's figures: final and best val accuracy (with image counts), best epoch, extras,
+    and with ``test`` (``kdjax.train.score_selected``'s record) the selected model's test accuracy.
 
     The best epoch is the first epoch reaching the maximum (as the engine selects it).
     """
@@ -168,11 +174,16 @@ def run_numbers(history: History, num_val: int) -> dict[str, Any]:
         if key in last:
             out[f"final_{key}"] = float(last[key])
     out["seconds"] = float(sum(float(r.get("seconds", 0.0)) for r in history))
+    if test is not None:
+        out.update(test_acc=float(test["acc"]), test_correct=int(test["correct"]), num_test=int(test["num_test"]))
     return out
 
 
-def honest_table(runs_by_alpha: RunsByAlpha, num_val: int) -> dict[str, Any]:
-    """Run-level accuracy per alpha with 95% intervals, and the val-set resolution.
+def honest_table(runs_by_alpha: RunsByAlpha, num_val: int,
+                 tests_by_alpha: Mapping[float, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+    """Run-level accuracy per alpha with 95% intervals, and the val-set resolution; with
+    ``tests_by_alpha`` (each run's test record, in run order) also the selected models' test
+    accuracy (``test_acc``, same statistics).
 
     For each alpha with n runs and per-run values ``a_1..a_n`` (final, resp. best, val
     accuracy): ``mean``, sample ``std`` (ddof=1) and ``ci95 = mean +/- t_{0.975,n-1} s/sqrt(n)``
@@ -184,19 +195,24 @@ def honest_table(runs_by_alpha: RunsByAlpha, num_val: int) -> dict[str, Any]:
         raise ValueError(f"num_val (validation set size) must be >= 1, got {num_val}")
     rows = []
     for alpha in _check(runs_by_alpha):
-        runs = [run_numbers(h, num_val) for h in runs_by_alpha[alpha]]
+        tests = (tests_by_alpha or {}).get(alpha) or [None] * len(runs_by_alpha[alpha])
+        runs = [run_numbers(h, num_val, t) for h, t in zip(runs_by_alpha[alpha], tests)]
         row: dict[str, Any] = {"alpha": float(alpha), "n_runs": len(runs)}
-        for key in ("final_acc", "best_acc"):
+        keys = ("final_acc", "best_acc", "test_acc") if all(t is not None for t in tests) else ("final_acc", "best_acc")
+        for key in keys:
             values = [r[key] for r in runs]
             row[key] = {**_stats(values), "ci95": _ci95(values)}
         row["runs"] = [{"run": i + 1, **r} for i, r in enumerate(runs)]
         rows.append(row)
-    return {
+    table = {
         "num_val": int(num_val),
         "points_per_image": 100.0 / num_val,
         "acc_per_image": 1.0 / num_val,
         "rows": rows,
     }
+    if rows and all("test_acc" in r for r in rows):
+        table["num_test"] = rows[0]["runs"][0]["num_test"]
+    return table
 
 
 # --------------------------------------------------------------------------- markdown
@@ -239,26 +255,31 @@ def format_published_table(alphas: Sequence[float] | None = None) -> str:
 
 
 def format_honest_table(table: Mapping[str, Any]) -> str:
-    """``honest_table`` as two markdown tables: per alpha, then per run."""
+    """``honest_table`` as two markdown tables: per alpha, then per run (with a test column
+    when the table has test accuracies)."""
+    has_test = "num_test" in table
+    test_head = ["test acc (selected on val)", "95% CI"] if has_test else []
     summary = _md_table(
-        ["alpha", "runs", "final val acc", "95% CI", "best val acc", "95% CI"],
+        ["alpha", "runs", "final val acc", "95% CI", "best val acc", "95% CI", *test_head],
         [
             [
                 alpha_label(r["alpha"]), str(r["n_runs"]),
                 _pm(r["final_acc"]), _ci(r["final_acc"]), _pm(r["best_acc"]), _ci(r["best_acc"]),
+                *([_pm(r["test_acc"]), _ci(r["test_acc"])] if has_test else []),
             ]
             for r in table["rows"]
         ],
     )
     n = table["num_val"]
     per_run = _md_table(
-        ["alpha", "run", "epochs", "final val acc", "best val acc", "best epoch"],
+        ["alpha", "run", "epochs", "final val acc", "best val acc", "best epoch", *(["test acc"] if has_test else [])],
         [
             [
                 alpha_label(r["alpha"]), str(run["run"]), str(run["epochs"]),
                 f"{run['final_acc']:.6f} ({run['final_correct']}/{n})",
                 f"{run['best_acc']:.6f} ({run['best_correct']}/{n})",
                 str(run["best_epoch"]),
+                *([f"{run['test_acc']:.6f} ({run['test_correct']}/{run['num_test']})"] if has_test else []),
             ]
             for r in table["rows"]
             for run in r["runs"]
@@ -288,9 +309,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             "last validation batch.",
             format_published_table(),
         ]
+    test_note = f" {TEST_NOTE} ({honest['num_test']} test images.)" if "num_test" in honest else ""
     parts += [
         "## Honest table",
-        HONEST_NOTE + f" Resolution: {resolution_line(honest['num_val'])}.",
+        HONEST_NOTE + f" Resolution: {resolution_line(honest['num_val'])}." + test_note,
         format_honest_table(honest),
     ]
     extra = summary.get("extra") or {}
@@ -308,6 +330,7 @@ def write_summary(
     num_val: int,
     seed_reference: bool = True,
     extra: Mapping[str, Any] | None = None,
+    tests_by_alpha: Mapping[float, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/summary.json`` and ``out_dir/summary.md``; return the JSON dictionary.
 
@@ -320,11 +343,12 @@ def write_summary(
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "seed_table": seed_table(runs_by_alpha),
-        "honest_table": honest_table(runs_by_alpha, num_val),
+        "honest_table": honest_table(runs_by_alpha, num_val, tests_by_alpha),
         "published": (
             [{"alpha": a, **PUBLISHED_TABLE[a]} for a in sorted(PUBLISHED_TABLE)] if seed_reference else None
         ),
-        "notes": {"seed_table": SEED_TABLE_NOTE, "diff_t_s": DIFF_T_S_NOTE, "honest_table": HONEST_NOTE},
+        "notes": {"seed_table": SEED_TABLE_NOTE, "diff_t_s": DIFF_T_S_NOTE, "honest_table": HONEST_NOTE,
+                  **({"test": TEST_NOTE} if tests_by_alpha else {})},
         "extra": dict(extra or {}),
     }
     checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -736,6 +736,8 @@ class RunResult:
     best_val_acc: float
     best_epoch: int
     workdir: pathlib.Path
+    # with a test split: the model selected on val scored on test (``score_selected``)
+    test: dict | None = None
 
 
 def _log(msg: str, workdir: pathlib.Path | None = None) -> None:
@@ -1269,7 +1271,39 @@ def train_runs(
     finally:
         for store in stores:
             store.close()
-    return [store.result() for store in stores]
+    results = [store.result() for store in stores]
+    if dataset.test is not None:
+        results = score_selected(results, dataset, spec, first.batch_size, mesh)
+    return results
+
+
+TEST_FILE = "test.json"
+
+
+def score_selected(results: Sequence[RunResult], dataset: data.Dataset, spec: StepSpec, batch_size: int,
+                   mesh) -> list[RunResult]:
+    """Each run's selected model (``best/``: its best epoch on val) scored once on the held-out
+    test split, written to the run's ``test.json`` and returned in ``RunResult.test``. Selection
+    never sees test, so its accuracy is not biased by choosing the epoch on it."""
+    test = dataset.test
+    images = distributed.put_replicated(test.eval.images, sharding.replicated(mesh)) if dataset.in_memory else test
+    labels = test.labels
+    scored = []
+    for result in results:
+        _, variables, meta = checkpoint.load_model(result.workdir / "best", arch=spec.student_arch,
+                                                   sharding=sharding.replicated(mesh))
+        logits = distributed.to_host(all_outputs(spec.student, variables, images, batch_size, mesh=mesh,
+                                                 view=spec.student_view).logits)
+        correct = int(np.sum(np.argmax(logits, -1) == labels))
+        record = {"split": "test", "num_test": int(labels.size), "acc": correct / labels.size,
+                  "correct": correct, "selected_epoch": int(meta.provenance["epoch"]),
+                  "selected_val_acc": float(meta.provenance["val_acc"])}
+        if distributed.is_primary():
+            checkpoint.write_text_atomic(result.workdir / TEST_FILE, json.dumps(record, indent=1) + "\n")
+            _log(f"test: {record['acc']:.4f} ({correct}/{labels.size}) with the epoch-{record['selected_epoch']} "
+                 f"model selected on val", result.workdir)
+        scored.append(dataclasses.replace(result, test=record))
+    return scored
 
 
 SINGLE_EXAMPLE_NOTE = (

@@ -230,3 +230,20 @@ def test_tensorboard_events_read_back(tmp_path, runs):
     for r in history:
         for tag, value in report.record_scalars(r).items():
             assert scalars[tag][r["epoch"]] == pytest.approx(value, rel=1e-6)  # stored as float32
+
+
+def test_test_accuracies_get_their_statistics_and_columns(tmp_path, runs):
+    tests = {a: [{"acc": c / 50, "correct": c, "num_test": 50} for c in (40 + k, 43 - 2 * k)]
+             for k, a in enumerate(sorted(runs))}
+    summary = report.write_summary(tmp_path, runs, NUM_VAL, tests_by_alpha=tests)
+    table = summary["honest_table"]
+    assert table["num_test"] == 50
+    for row, alpha in zip(table["rows"], sorted(runs)):
+        values = [t["acc"] for t in tests[alpha]]
+        assert row["test_acc"]["mean"] == pytest.approx(np.mean(values))
+        assert row["test_acc"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert [r["test_correct"] for r in row["runs"]] == [t["correct"] for t in tests[alpha]]
+    md = (tmp_path / "summary.md").read_text()
+    assert "test acc (selected on val)" in md and report.TEST_NOTE in md and "(41/50)" in md
+    plain = report.write_summary(tmp_path / "plain", runs, NUM_VAL)
+    assert "num_test" not in plain["honest_table"] and "test acc" not in (tmp_path / "plain" / "summary.md").read_text()

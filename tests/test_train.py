@@ -7,6 +7,8 @@ ResNet the teacher is; test_train_step covers ResNet-50) and 2-3 epochs on a gen
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
 
 import jax
@@ -222,3 +224,23 @@ def test_teacher_cache_fills_once_and_a_second_study_trains_identically(dataset,
         config = _config(distill=DistillConfig(loss="ce:1 at:1", student_train="all"))
         train.train_runs([train.Run(config, tmp_path / "at", _student())], dataset, teacher=teacher,
                          teacher_cache_dir=cache)
+
+
+@pytest.mark.parametrize("in_memory", ["on", "off"])
+def test_a_test_split_scores_the_model_selected_on_val(folder, tmp_path, in_memory):
+    """test/ holds the val images with their labels swapped: the model selected on val (its best
+    epoch) must then score exactly 1 - its val accuracy on test, which shows that selection used
+    val and that the score is the selected model's on test's own labels."""
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    for cls, other in (("ants", "bees"), ("bees", "ants")):
+        shutil.copytree(folder / "val" / cls, root / "test" / other)
+    ds = data.load_splits(root, image_size=32, cache_dir=tmp_path / "cache", in_memory=in_memory)
+    assert ds.test is not None and ds.test.num_examples == 12
+    [result] = train.train_runs([train.Run(_config(num_epochs=3), tmp_path / "run", _student())], ds,
+                                teacher=_teacher())
+    test = json.loads((tmp_path / "run" / train.TEST_FILE).read_text())
+    assert result.test == test and test["num_test"] == 12
+    assert test["selected_epoch"] == result.best_epoch and test["selected_val_acc"] == result.best_val_acc
+    assert test["correct"] == 12 - round(result.best_val_acc * 12)
+    assert "test: " in (tmp_path / "run" / "train.log").read_text()
