@@ -118,3 +118,21 @@ def test_the_study_runs_with_any_pair(chained, capsys):
     assert checkpoint.read_meta(out / "alpha_0.5" / "run_0" / "best").arch == "mobilenet_v3_small"
     history = json.loads((out / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
     assert math.isfinite(history[0]["train"]["loss"]) and math.isfinite(history[0]["val"]["loss"])
+
+
+def test_paper_streams_a_tree_with_a_test_split_and_reports_its_test_accuracy(chained, capsys, tmp_path):
+    """``--data_in_memory off --verify_data`` on a tree with test/: the summary's honest table
+    reports the selected model's test accuracy; a bad ``--data_in_memory`` is argparse's error."""
+    base, _, _ = chained
+    images = make_image_folder(tmp_path / "images", {**SPEC, "test": {"ants": 2, "bees": 3}}, varied_size)
+    args = ["--alpha", "0.5", "--n_exp", "1", "--teacher_file", str(base / "teacher"), "--data_dir", str(images),
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *COMMON]
+    assert paper.main([*args, "--data_in_memory", "off", "--verify_data"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    [row] = summary["honest_table"]["rows"]
+    assert summary["honest_table"]["num_test"] == 5 and row["runs"][0]["num_test"] == 5
+    assert 0 <= row["test_acc"]["mean"] <= 1
+    assert "test acc (selected on val)" in (tmp_path / "out" / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        paper.main([*args, "--data_in_memory", "maybe"])
+    assert "--data_in_memory: invalid choice: 'maybe'" in capsys.readouterr().err
