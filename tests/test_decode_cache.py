@@ -181,7 +181,7 @@ def test_cold_load_prints_one_kdjax_line_and_nothing_from_tfds(image_folder, tmp
     assert warm == rest == ""
     (line,) = [ln for ln in cold.splitlines() if "kdjax" in ln]
     (key,) = [d for d in os.listdir(cache) if d != "fingerprints"]
-    assert sorted(os.listdir(cache)) == sorted([key, "fingerprints"])  # tfds' scratch folder is gone
+    assert sorted(os.listdir(cache)) == sorted([key, "fingerprints"])  # nothing else is left there
     assert line == (f"kdjax: decoding 9 images of {root} into {cache / key} "
                     "(once; later runs read the cache)")
     # everything else is frames of the one bar, drawn with carriage returns

@@ -1,8 +1,11 @@
 """Decode an ImageFolder tree once into a tensorflow-datasets (array_record) cache.
 
-``DecodedImageFolder`` is a tfds ``GeneratorBasedBuilder``; it is prepared once and read back
-with tfds' data-source API, which needs neither TensorFlow nor ``tf.data`` (tfds' own
-``ImageFolder`` builder does). Each example stores:
+``prepare`` writes one array_record file per split, example by example, with tfds' feature
+serialisation and its ``dataset_info.json`` (``tfds.folder_dataset.write_metadata``), and reads
+it back with tfds' data-source API, which needs neither TensorFlow nor ``tf.data`` (tfds' own
+``ImageFolder`` builder does). tfds' ``GeneratorBasedBuilder`` is not used to write: its writer
+holds up to 1 GB of a split in memory and spills the rest through ``tf.io.gfile``, i.e. it needs
+TensorFlow for any split over 1 GB (5,000 320x240 photos). Each example stores:
 
 - ``image``: the full decode (``transforms.load_rgb``), shrunk with PIL bilinear (antialiased)
   so that its longer side is at most ``max_side``; the training crops are cut from it on the
@@ -56,7 +59,6 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -162,87 +164,107 @@ def ordered_map(fn: Callable, items: Sequence, workers: int | None = None, ahead
 _FILE = "<file>"
 
 
-class DecodedImageFolder(tfds.core.GeneratorBasedBuilder):
-    """An ImageFolder tree, decoded: see the module docstring. Build it with ``prepare``."""
+NAME = "decoded_image_folder"
+INDEX_FILE = "kdjax_index.json"  # records index, unreadable files and the source, per cache
 
-    VERSION = tfds.core.Version(FORMAT_VERSION)
 
-    def __init__(self, *, index: FolderIndex, spec: CacheSpec, **kwargs):
-        self._index = index
-        self._spec = spec
-        # called with 1 per file decoded (or found unreadable); ``prepare`` sets its progress bar
-        self.progress: Callable[[int], object] = lambda n: None
-        # the first unreadable file stops the prepare (a DataError naming it) unless skipped
-        self.stop_on_unreadable = True
-        super().__init__(file_format="array_record", **kwargs)
+def features_for(spec: CacheSpec, class_names: Sequence[str]) -> tfds.features.FeaturesDict:
+    """What each stored example holds (see the module docstring)."""
+    s = spec.image_size
+    return tfds.features.FeaturesDict(
+        {
+            # raw bytes (not PNG, not tfds' default int64 list): a warm load decodes nothing
+            "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="bytes"),
+            "eval_image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes"),
+            "orig_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            "label": tfds.features.ClassLabel(names=list(class_names)),
+            "filename": tfds.features.Text(),
+            "index": tfds.features.Scalar(dtype=np.int64),
+        }
+    )
 
-    # tfds prints these two banners ("Downloading and preparing dataset Unknown size ...",
-    # "Dataset ... downloaded and prepared to ...") with termcolor.cprint; nothing is downloaded
-    # here and ``prepare`` prints its own line, so this builder prints neither.
-    def _log_download_bytes(self) -> None:
-        pass
 
-    def _log_download_done(self) -> None:
-        pass
+def _data_dir(path: pathlib.Path) -> pathlib.Path:
+    return path / NAME / FORMAT_VERSION
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        s = self._spec.image_size
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    # raw bytes (not PNG, not tfds' default int64 list): a warm load decodes nothing
-                    "image": tfds.features.Tensor(
-                        shape=(None, None, 3), dtype=np.uint8, encoding="bytes"
-                    ),
-                    "eval_image": tfds.features.Tensor(
-                        shape=(s, s, 3), dtype=np.uint8, encoding="bytes"
-                    ),
-                    "orig_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                    "label": tfds.features.ClassLabel(names=list(self._index.class_names)),
-                    "filename": tfds.features.Text(),
-                    "index": tfds.features.Scalar(dtype=np.int64),
-                }
-            ),
-            # keep torchvision's file order on disk (tfds would shuffle by key hash)
-            disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(),
-        )
 
-    def _split_generators(self, dl_manager):
-        self.info.metadata["source"] = str(self._index.root)
-        self.info.metadata["unreadable"] = {}
-        self.info.metadata["records"] = {}
-        return {split: self._generate_examples(split) for split in self._index.files}
+def is_prepared(path: pathlib.Path) -> bool:
+    return (path / INDEX_FILE).is_file() and (_data_dir(path) / "dataset_info.json").is_file()
 
-    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        entries = self._index.files[split]
-        train_view = split in self._spec.augment_splits
-        unreadable: list[dict] = []
 
-        def decode(entry):
-            path = self._index.root / entry[0]
-            try:
-                return decode_example(path, self._spec, train_view)
-            except transforms.ImageReadError as err:
-                if self.stop_on_unreadable:
-                    raise DataError(f"{err}\n{UNREADABLE_HINT}") from err
-                # "<path>: cannot read image (<reason>)", where PIL's reason may name the path too
-                return transforms.ImageReadError(str(err).replace(str(path), _FILE))
+def _write_split(writer_path: pathlib.Path, split: str, entries, index: FolderIndex, spec: CacheSpec, features,
+                 stop_on_unreadable: bool, progress: Callable[[int], object]) -> tuple[dict, list, int, int]:
+    """Decode ``entries`` into one array_record file, example by example (bounded memory: tfds'
+    own writer buffers a split in memory, and past 1 GB spills it through TensorFlow)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
 
-        records = {"filename": [], "label": [], "size": [], "orig_size": []}
+    train_view = split in spec.augment_splits
+    root = index.root
+
+    def decode(entry):
+        path = root / entry[0]
+        try:
+            return decode_example(path, spec, train_view)
+        except transforms.ImageReadError as err:
+            if stop_on_unreadable:
+                raise DataError(f"{err}\n{UNREADABLE_HINT}") from err
+            # "<path>: cannot read image (<reason>)", where PIL's reason may name the path too
+            return transforms.ImageReadError(str(err).replace(str(path), _FILE))
+
+    records = {"filename": [], "label": [], "size": [], "orig_size": []}
+    unreadable: list[dict] = []
+    written = num_bytes = 0
+    writer = ArrayRecordWriter(os.fspath(writer_path), "group_size:1")
+    try:
         for i, ((rel, label), arrays) in enumerate(zip(entries, ordered_map(decode, entries))):
-            self.progress(1)
+            progress(1)
             if isinstance(arrays, Exception):
                 unreadable.append({"file": rel, "message": str(arrays)})
                 continue
+            record = features.serialize_example({**arrays, "label": label, "filename": rel, "index": i})
+            writer.write(record)
+            written += 1
+            num_bytes += len(record)
             records["filename"].append(rel)
             records["label"].append(label)
             records["size"].append(list(arrays["image"].shape[:2]))
             records["orig_size"].append(arrays["orig_size"].tolist())
-            yield i, {**arrays, "label": label, "filename": rel, "index": i}
-        self.info.metadata["unreadable"][split] = unreadable
-        # what a streaming reader needs without reading the records (kdjax.data.batches)
-        self.info.metadata["records"][split] = records
+    finally:
+        writer.close()
+    return records, unreadable, written, num_bytes
+
+
+def write_cache(path: pathlib.Path, index: FolderIndex, spec: CacheSpec, *, stop_on_unreadable: bool,
+                progress: Callable[[int], object]) -> None:
+    """Decode every split of ``index`` into the cache ``path``: array_record files that tfds'
+    data-source API reads (its ``dataset_info.json`` beside them) and ``INDEX_FILE``. Written in
+    a temporary folder renamed into place when complete, so an interrupted or failed prepare
+    leaves nothing that looks prepared."""
+    features = features_for(spec, index.class_names)
+    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data_dir = _data_dir(tmp)
+    data_dir.mkdir(parents=True)
+    try:
+        split_infos, all_records, all_unreadable = [], {}, {}
+        for split, entries in index.files.items():
+            shard = data_dir / f"{NAME}-{split}.array_record-00000-of-00001"
+            records, unreadable, n, num_bytes = _write_split(shard, split, entries, index, spec, features,
+                                                             stop_on_unreadable, progress)
+            split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=num_bytes))
+            all_records[split], all_unreadable[split] = records, unreadable
+        tfds.folder_dataset.write_metadata(
+            data_dir=data_dir, features=features, split_infos=split_infos, check_data=False,
+            filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", disable_shuffling=True)
+        index_json = {"source": str(index.root), "records": all_records, "unreadable": all_unreadable}
+        (tmp / INDEX_FILE).write_text(json.dumps(index_json))
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not is_prepared(path):  # another process prepared the same cache meanwhile: keep that
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,16 +303,11 @@ def _not_tfds_chatter(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_tfds(scratch_parent: pathlib.Path) -> Iterator[None]:
+def _quiet_tfds() -> Iterator[None]:
     """Silence tfds' progress bars and its absl log records below ERROR, for this block only.
 
-    tfds also makes an empty temporary folder whenever it opens a builder that is not prepared
-    yet (``DatasetInfo.initialize_from_bucket``) and never removes it; ``tempfile`` points into a
-    scratch folder under ``scratch_parent`` meanwhile, removed on exit.
-
-    tfds announces its steps through ``absl.logging`` (e.g. "Variant folder ... has no
-    dataset_info.json" on every cold cache) and draws nested tqdm bars ("Generating splits",
-    "Generating train examples", "Shuffling ..."); none of it says more than kdjax's own line.
+    tfds announces its steps through ``absl.logging`` and may draw tqdm bars; none of it says
+    more than kdjax's own line.
     Everything is put back on exit: the progress-bar switch as it was, the filter removed. absl
     calls ``logging.basicConfig()`` (a stderr handler on the root logger, for good) when the
     root logger has none; a ``NullHandler`` held there meanwhile keeps the program's logging
@@ -303,14 +320,9 @@ def _quiet_tfds(scratch_parent: pathlib.Path) -> Iterator[None]:
     absl_logger.addFilter(_not_tfds_chatter)
     if placeholder is not None:
         logging.root.addHandler(placeholder)
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    scratch, tempdir_was = tempfile.mkdtemp(prefix=".tfds-scratch-", dir=scratch_parent), tempfile.tempdir
-    tempfile.tempdir = scratch
     try:
         yield
     finally:
-        tempfile.tempdir = tempdir_was
-        shutil.rmtree(scratch, ignore_errors=True)
         if placeholder is not None:
             logging.root.removeHandler(placeholder)
         absl_logger.removeFilter(_not_tfds_chatter)
@@ -372,36 +384,31 @@ def prepare(
     if digested:
         key = cache_key(index, spec, extensions, _content_digest(index, num_files, num_bytes))[:24]
     path = cache_dir / key
-    with _quiet_tfds(cache_dir):
-        builder = DecodedImageFolder(index=index, spec=spec, data_dir=os.fspath(path))
-        decoded = not builder.is_prepared()
-        if decoded:
-            total = sum(len(entries) for entries in index.files.values())
-            print(
-                f"kdjax: decoding {total} images of {index.root} into {path} "
-                "(once; later runs read the cache)",
-                file=sys.stderr,
-                flush=True,
-            )
-            with tqdm(
-                total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
-            ) as bar:
-                builder.progress = bar.update
-                builder.stop_on_unreadable = not skip_bad_images
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(
-                        compute_stats=tfds.download.ComputeStatsMode.SKIP
-                    )
-                )
-        sources = builder.as_data_source()
+    decoded = not is_prepared(path)
+    if decoded:
+        total = sum(len(entries) for entries in index.files.values())
+        print(
+            f"kdjax: decoding {total} images of {index.root} into {path} "
+            "(once; later runs read the cache)",
+            file=sys.stderr,
+            flush=True,
+        )
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _quiet_tfds(), tqdm(
+            total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
+        ) as bar:
+            write_cache(path, index, spec, stop_on_unreadable=not skip_bad_images, progress=bar.update)
+    with _quiet_tfds():
+        sources = tfds.builder_from_directory(_data_dir(path)).as_data_source()
+    stored = json.loads((path / INDEX_FILE).read_text())
     if digested:
         _write_atomic(record, json.dumps({"key": key, "source": str(index.root)}))
-    recorded = builder.info.metadata.get("unreadable", {})
+    recorded = stored["unreadable"]
     unreadable = {
         split: tuple(
             bad["message"].replace(_FILE, str(index.root / bad["file"])) for bad in entries
         )
         for split, entries in recorded.items()
     }
-    records = {split: SplitRecords.from_metadata(m) for split, m in builder.info.metadata["records"].items()}
+    records = {split: SplitRecords.from_metadata(m) for split, m in stored["records"].items()}
     return PreparedCache(path, sources, records, unreadable, decoded, digested)
