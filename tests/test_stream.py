@@ -47,7 +47,7 @@ def test_a_streamed_split_holds_no_arrays_and_reads_what_the_resident_one_holds(
 
 def _runs(root, alphas=(0.5, 1.0)):
     student = models.init_variables(models.create_model("resnet18", 2), jax.random.key(2), 32)
-    config = TrainConfig(optim=OptimConfig(lr=0.01, step_size=1, gamma=0.5), num_epochs=2, batch_size=32,
+    config = TrainConfig(optim=OptimConfig(lr=0.01, step_size=1, gamma=0.5), num_epochs=1, batch_size=32,
                          image_size=32, seed=0, distill=DistillConfig(alpha=0.5, student_train="fc"))
     return [train.Run(dataclasses.replace(config, distill=DistillConfig(alpha=a, student_train="fc")),
                       root / f"alpha_{a}", student) for a in alphas]
@@ -68,7 +68,7 @@ def test_streaming_and_holding_hymenoptera_give_identical_float32_metrics(hymeno
         monkeypatch.setattr(stream, "DEFAULT_THREADS", threads)
         monkeypatch.setattr(stream, "DEFAULT_PREFETCH", threads)
         got[name] = _history(train.train_runs(_runs(tmp_path / name), ds, teacher=teacher, scan_epochs=False))
-    assert [r["epoch"] for r in got["held"][0]] == [1, 2]
+    assert [r["epoch"] for r in got["held"][0]] == [1]
     assert got["streamed"] == got["held"] and got["one_thread"] == got["held"]
 
 

@@ -116,12 +116,19 @@ def _child(workdir, folder, cache, *extra, check=True):
                           capture_output=True, text=True, env=child_env(), check=check, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def straight_child(folder, tmp_path_factory):
+    """tests/child.py's run, uninterrupted, its data held on the devices."""
+    base = tmp_path_factory.mktemp("straight")
+    _child(base / "run", folder, base / "cache")
+    return read_history(base / "run"), base / "cache"
+
+
 @pytest.mark.parametrize("data_in_memory", ["on", "off"])
-def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path, data_in_memory):
-    """The uninterrupted run holds its data on the devices; the killed one (``off``) streams it:
-    the restart's metrics equal the straight run's exactly either way."""
-    cache = tmp_path / "cache"
-    _child(tmp_path / "straight", folder, cache)
+def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_path, data_in_memory, straight_child):
+    """The uninterrupted run holds its data on the devices; the killed one streams it (``off``)
+    or holds it too: the restart's metrics equal the straight run's exactly either way."""
+    straight, cache = straight_child
     flag = ("--data_in_memory", data_in_memory)
     killed = _child(tmp_path / "killed", folder, cache, "--kill-during-epoch", "2", *flag, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -129,7 +136,7 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(folder, tmp_pat
     assert [r["epoch"] for r in read_history(tmp_path / "killed")] == [1]
     resumed = _child(tmp_path / "killed", folder, cache, *flag)
     assert "resuming" in resumed.stderr
-    assert read_history(tmp_path / "killed") == read_history(tmp_path / "straight")
+    assert read_history(tmp_path / "killed") == straight
 
 
 def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(dataset):
@@ -237,7 +244,7 @@ def test_a_test_split_scores_the_model_selected_on_val(folder, tmp_path, in_memo
         shutil.copytree(folder / "val" / cls, root / "test" / other)
     ds = data.load_splits(root, image_size=32, cache_dir=tmp_path / "cache", in_memory=in_memory)
     assert ds.test is not None and ds.test.num_examples == 12
-    [result] = train.train_runs([train.Run(_config(num_epochs=3), tmp_path / "run", _student())], ds,
+    [result] = train.train_runs([train.Run(_config(num_epochs=2), tmp_path / "run", _student())], ds,
                                 teacher=_teacher())
     test = json.loads((tmp_path / "run" / train.TEST_FILE).read_text())
     assert result.test == test and test["num_test"] == 12
