@@ -1,7 +1,12 @@
-"""The input pipeline: decoded splits held on the device, fixed-shape padded and masked batches.
+"""The input pipeline: decoded splits, held on the device or read on demand, and fixed-shape
+padded and masked batches.
 
 ``load_splits`` scans an ImageFolder tree (or downloads hymenoptera), opens its decode cache
-(``kdjax.data.decode_cache``) and returns host arrays ready to be placed once on the device(s):
+(``kdjax.data.decode_cache``) and returns a ``Dataset`` of ``Split``s. Every split knows its
+records (``SplitRecords``: names, labels, sizes) and reads any of them on demand (``Split.
+train_rows``, ``Split.eval_images``: what ``kdjax.data.stream`` feeds). Held in memory
+(``--data_in_memory``, ``decide_in_memory``), a split also carries host arrays ready to be
+placed once on the device(s):
 
 - splits named in ``augment_splits`` (default train) carry ``TrainArrays``: every cached image
   in the top-left corner of one zero-padded canvas ``[N, H, W, 3]`` uint8 with its true size;
@@ -9,6 +14,7 @@
 
 Per epoch, ``epoch_order`` gives ``[num_batches, batch_size]`` dataset indices and a mask: the
 last partial batch is padded, so shapes never change and every example counts exactly once.
+``train_views`` (of rows gathered on the device by ``take_rows``, or read by a stream),
 ``train_batch`` and ``eval_batch`` are pure and jit-able (also inside ``lax.scan``); the view of
 an example depends only on (seed, epoch, example index), see ``kdjax.data.augment``.
 """
