@@ -856,8 +856,8 @@ def run_meta_for(run: Run, student_arch: str, teacher: Teacher | None, dataset: 
         "teacher_arch": None if teacher is None else "+".join(teacher.archs),
         "teacher_fingerprint": None if teacher is None else teacher.fingerprint,
         "class_names": list(dataset.class_names),
-        # the decode cache's key: a digest of the source files, image size and cache settings
-        "data_fingerprint": dataset.cache_path.name,
+        # a digest of the source files, image size and cache settings (``Dataset.fingerprint``)
+        "data_fingerprint": dataset.fingerprint,
     }
 
 
@@ -1182,7 +1182,7 @@ def cache_for(directory, spec: StepSpec, config: TrainConfig, dataset: data.Data
     return teacher_cache.TeacherCache(directory, {
         "teacher_fingerprint": teacher.fingerprint,
         "teacher_archs": list(teacher.archs),
-        "data_fingerprint": dataset.cache_path.name,
+        "data_fingerprint": dataset.fingerprint,
         "image_size": config.image_size,
         "compute_dtype": config.compute_dtype,
         "batch_size": config.batch_size,

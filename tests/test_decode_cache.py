@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -192,3 +193,19 @@ def test_cold_load_prints_one_kdjax_line_and_nothing_from_tfds(image_folder, tmp
     for tfds_text in ("Downloading and preparing", "Shuffling", "downloaded and prepared",
                       "Generating", "absl", "Variant folder"):
         assert tfds_text not in out.stderr
+
+
+def test_runs_of_the_previous_cache_layout_keep_their_data_fingerprint(hymenoptera_dir, tmp_path):
+    """Runs record ``Dataset.fingerprint``; 87e0e081... is what kdjax's 1.1.0 caches recorded for
+    hymenoptera at 112 px (a methods-table run of issue #14): such runs still resume."""
+    ds = data.load_splits(hymenoptera_dir, image_size=112, cache_dir=tmp_path / "cache", in_memory="off")
+    assert ds.fingerprint == "87e0e081bbbce17a783dcad1" and ds.cache_path.name != ds.fingerprint
+
+
+def test_a_stale_folder_under_the_key_is_replaced(image_folder, tmp_path):
+    root = image_folder(SPEC)
+    first = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    shutil.rmtree(first.cache_path)
+    (first.cache_path / "decoded_image_folder").mkdir(parents=True)  # e.g. an older kdjax's, or a failed copy
+    again = data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)
+    assert again.decoded and again.cache_path == first.cache_path and again["train"].num_examples == 5

@@ -150,6 +150,8 @@ class Dataset:
     decoded: bool  # True when this load decoded the images (the cache was cold)
     in_memory: bool = True  # the splits' arrays are loaded (else they are streamed)
     digested: bool = False  # True when this load read every file's bytes to identify the tree
+    # the data's identity (content, sizes, cache settings), what runs and teacher caches record
+    fingerprint: str = ""
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
@@ -281,7 +283,8 @@ def load_splits(
     held = decide_in_memory(in_memory, sum(split.in_memory_bytes(image_size) for split in loaded.values()))
     if held:
         loaded = {s: _loaded(split) for s, split in loaded.items()}
-    return Dataset(index.root, index.class_names, loaded, prepared.path, prepared.decoded, held, prepared.digested)
+    return Dataset(index.root, index.class_names, loaded, prepared.path, prepared.decoded, held, prepared.digested,
+                   prepared.identity)
 
 
 def epoch_order(

@@ -72,6 +72,10 @@ from kdjax.data.folder import DataError, FolderIndex, tree_digest, tree_fingerpr
 
 # Bump when what is stored, or how it is computed, changes: it is part of every cache key.
 FORMAT_VERSION = "1.2.0"  # 1.1.0: unreadable files recorded by relative path; 1.2.0: records index
+# What each stored example holds and how it is computed; FORMAT_VERSION also covers the files'
+# layout. A run records the data by a key of this version (``PreparedCache.identity``), so runs
+# and teacher caches of a layout change (1.1.0 -> 1.2.0) keep resuming.
+CONTENT_VERSION = "1.1.0"
 DEFAULT_MAX_SIDE = 512
 
 
@@ -99,11 +103,12 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(root).expanduser() / "datasets"
 
 
-def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str], tree: str) -> str:
+def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str], tree: str,
+              version: str = FORMAT_VERSION) -> str:
     """The cache's name: ``tree`` (the source's ``tree_digest``, or its ``tree_fingerprint`` for
     the record that maps fingerprints to caches) with everything that changes what is stored."""
     payload = {
-        "format": FORMAT_VERSION,
+        "format": version,
         "tree": tree,
         "splits": list(index.files),
         "extensions": sorted(e.lower() for e in extensions),
@@ -234,8 +239,8 @@ def _write_split(writer_path: pathlib.Path, split: str, entries, index: FolderIn
     return records, unreadable, written, num_bytes
 
 
-def write_cache(path: pathlib.Path, index: FolderIndex, spec: CacheSpec, *, stop_on_unreadable: bool,
-                progress: Callable[[int], object]) -> None:
+def write_cache(path: pathlib.Path, index: FolderIndex, spec: CacheSpec, *, identity: str,
+                stop_on_unreadable: bool, progress: Callable[[int], object]) -> None:
     """Decode every split of ``index`` into the cache ``path``: array_record files that tfds'
     data-source API reads (its ``dataset_info.json`` beside them) and ``INDEX_FILE``. Written in
     a temporary folder renamed into place when complete, so an interrupted or failed prepare
@@ -256,8 +261,11 @@ def write_cache(path: pathlib.Path, index: FolderIndex, spec: CacheSpec, *, stop
         tfds.folder_dataset.write_metadata(
             data_dir=data_dir, features=features, split_infos=split_infos, check_data=False,
             filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", disable_shuffling=True)
-        index_json = {"source": str(index.root), "records": all_records, "unreadable": all_unreadable}
+        index_json = {"source": str(index.root), "identity": identity, "records": all_records,
+                      "unreadable": all_unreadable}
         (tmp / INDEX_FILE).write_text(json.dumps(index_json))
+        if path.exists() and not is_prepared(path):
+            shutil.rmtree(path)  # what an older kdjax or a failed copy left under this key
         try:
             os.rename(tmp, path)
         except OSError:
@@ -294,6 +302,7 @@ class PreparedCache:
     unreadable: Mapping[str, tuple[str, ...]]
     decoded: bool  # True when this call decoded the images (a cold cache)
     digested: bool  # True when this call read every file's bytes (a new or verified tree)
+    identity: str  # the data's key at CONTENT_VERSION: what runs record (``run_meta_for``)
 
 
 def _not_tfds_chatter(record: logging.LogRecord) -> bool:
@@ -378,11 +387,14 @@ def prepare(
     key = None
     if record.is_file() and not verify:
         key = json.loads(record.read_text())["key"]
-        if not (cache_dir / key).is_dir():
+        if not is_prepared(cache_dir / key):
             key = None  # the cache was deleted: identify the content again
     digested = key is None
+    identity = None
     if digested:
-        key = cache_key(index, spec, extensions, _content_digest(index, num_files, num_bytes))[:24]
+        content = _content_digest(index, num_files, num_bytes)
+        key = cache_key(index, spec, extensions, content)[:24]
+        identity = cache_key(index, spec, extensions, content, CONTENT_VERSION)[:24]
     path = cache_dir / key
     decoded = not is_prepared(path)
     if decoded:
@@ -397,7 +409,8 @@ def prepare(
         with _quiet_tfds(), tqdm(
             total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
         ) as bar:
-            write_cache(path, index, spec, stop_on_unreadable=not skip_bad_images, progress=bar.update)
+            write_cache(path, index, spec, identity=identity, stop_on_unreadable=not skip_bad_images,
+                        progress=bar.update)
     with _quiet_tfds():
         sources = tfds.builder_from_directory(_data_dir(path)).as_data_source()
     stored = json.loads((path / INDEX_FILE).read_text())
@@ -411,4 +424,4 @@ def prepare(
         for split, entries in recorded.items()
     }
     records = {split: SplitRecords.from_metadata(m) for split, m in stored["records"].items()}
-    return PreparedCache(path, sources, records, unreadable, decoded, digested)
+    return PreparedCache(path, sources, records, unreadable, decoded, digested, stored["identity"])
