@@ -1224,6 +1224,9 @@ def train_runs(
     if not runs:
         return []
     mesh = mesh or sharding.data_mesh()
+    if scan_epochs and not dataset.in_memory:
+        raise ValueError("--scan_epochs on scans epochs over data held on the devices, but the dataset is streamed: "
+                         "pass --data_in_memory on, or --scan_epochs auto (a streamed run trains in a host loop)")
     _check_runs(runs, dataset, student_arch, teacher, mesh)
     first = runs[0].config
     scan = default_scan_epochs() if scan_epochs is None else scan_epochs

@@ -86,3 +86,9 @@ def test_auto_holds_what_fits_and_streams_what_does_not(hymenoptera_dir, tmp_pat
 def test_a_bad_in_memory_choice_is_named(hymenoptera_dir, tmp_path):
     with pytest.raises(ValueError, match=r"--data_in_memory 'maybe': choose one of auto, on, off"):
         data.load_splits(hymenoptera_dir, image_size=32, cache_dir=tmp_path, in_memory="maybe")
+
+
+def test_scanned_epochs_over_streamed_data_are_refused_with_the_way_out(hymenoptera, tmp_path):
+    _, streamed = hymenoptera
+    with pytest.raises(ValueError, match=r"--scan_epochs on .* streamed: pass --data_in_memory on"):
+        train.train_runs(_runs(tmp_path), streamed, scan_epochs=True)
