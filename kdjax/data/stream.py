@@ -10,8 +10,8 @@ views, hence the same metrics, whatever the number of reader threads or processe
 
 Why the crops stay on the device: host workers would have to reproduce the device's resampling
 to the last bit for the metrics to be path-independent, and they would be slower at it (PIL's
-RandomResizedCrop costs about a millisecond per image per core on this 2-core CPU, the whole
-device step's budget; benchmarks/README.md "streaming"). The host's work is a record read (raw
+crop + resize + flip took 1.58 ms per image on one thread of this 2-core CPU, on a core the step
+itself uses; benchmarks/README.md "Streaming input"). The host's work is a record read (raw
 bytes: nothing to decode) and a copy into the canvas.
 
 The read-ahead is grain's: a ``MapDataset`` over the epoch's steps, read through an
