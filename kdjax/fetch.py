@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import sys
 import urllib.error
 import urllib.request
 
-from tqdm import tqdm
+from kdjax import console
 
 _CHUNK = 1 << 20
 
@@ -57,12 +56,11 @@ def download(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    console.line(f"kdjax: downloading {url} to {dest}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr
-            ) as bar:
+            with console.bar(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -40,8 +40,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
-import sys
 import time
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
@@ -52,9 +52,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
-from tqdm import tqdm
 
-from kdjax import checkpoint, data, distributed, losses, models, optim, sharding, teacher_cache
+from kdjax import checkpoint, console, data, distributed, losses, models, optim, sharding, teacher_cache
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
 from kdjax.data import augment, stream
 
@@ -740,12 +739,12 @@ class RunResult:
     test: dict | None = None
 
 
-def _log(msg: str, workdir: pathlib.Path | None = None) -> None:
-    """One line to stderr (above any progress bar) and, with ``workdir``, to its train.log."""
-    tqdm.write(msg, file=sys.stderr)
-    if workdir is not None:
-        with open(workdir / "train.log", "a") as f:
-            f.write(msg + "\n")
+def _log(label: str, workdir: pathlib.Path, msg: str) -> None:
+    """A line of the run in ``workdir``: on the console after its ``label`` (``kdjax.console``:
+    above any progress bar, unless quiet), in its train.log as it is (always)."""
+    console.line(f"{label}  {msg}")
+    with open(workdir / "train.log", "a") as f:
+        f.write(msg + "\n")
 
 
 def summarize_steps(step_metrics: Mapping[str, np.ndarray], epoch: int, workdir: pathlib.Path) -> dict:
@@ -778,8 +777,9 @@ class RunStore:
     RESUME_KEYS = ("config", "student_arch", "init", "teacher_fingerprint", "class_names",
                    "data_fingerprint")
 
-    def __init__(self, workdir: str | pathlib.Path, run_meta: Mapping):
+    def __init__(self, workdir: str | pathlib.Path, run_meta: Mapping, label: str | None = None):
         self.workdir = pathlib.Path(workdir).absolute()
+        self.label = label or self.workdir.name  # names the run's lines on the console
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_meta = dict(run_meta)
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True)
@@ -811,8 +811,9 @@ class RunStore:
         return restored["state"]
 
     def log(self, msg: str) -> None:
+        """A line of this run: on the console after its label, in its train.log as it is."""
         if distributed.is_primary():  # one train.log and one console per run, however many processes
-            _log(msg, self.workdir)
+            _log(self.label, self.workdir, msg)
 
     def end_epoch(self, epoch: int, state: TrainState, record: dict,
                   save_best: Callable[[pathlib.Path, dict], None]) -> None:
@@ -845,6 +846,15 @@ class RunStore:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def run_labels(workdirs: Sequence[pathlib.Path]) -> list[str]:
+    """Each run's name on the console: its directory below the runs' common parent, and at
+    least its parent's name and its own (``alpha_0.5/run_1`` in a study, ``runs/teacher``)."""
+    paths = [pathlib.Path(w).absolute() for w in workdirs]
+    common = pathlib.Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    labels = [p.relative_to(common) for p in paths]
+    return [str(p.relative_to(common.parent) if len(label.parts) < 2 else label) for p, label in zip(paths, labels)]
 
 
 def run_meta_for(run: Run, student_arch: str, teacher: Teacher | None, dataset: data.Dataset) -> dict:
@@ -1120,9 +1130,8 @@ def _train_group(setup: _Setup, members: Sequence[tuple[int, Run, RunStore, Any]
     num_train = setup.dataset["train"].num_examples
     desc = "epochs" if mode == "single" else f"epochs ({k_runs} runs together" + (
         f", {int(layout.group_rep.shape[0])} backbones)" if mode == "shared" else ")")
-    bar = tqdm(range(start, config.num_epochs), desc=desc, unit="epoch", file=sys.stderr,
-               initial=start, total=config.num_epochs, leave=False, dynamic_ncols=True,
-               disable=not distributed.is_primary())
+    bar = console.bar(range(start, config.num_epochs), desc=desc, unit="epoch", initial=start,
+                      total=config.num_epochs, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         orders = [data.epoch_order(num_train, config.batch_size, s, epoch, shuffle=True) for s in seeds]
@@ -1234,9 +1243,10 @@ def train_runs(
     repl = sharding.replicated(mesh)
     num_train = dataset["train"].num_examples
     stores, states = [], []
+    labels = run_labels([r.workdir for r in runs])
     try:
-        for r in runs:
-            store = RunStore(r.workdir, run_meta_for(r, student_arch, teacher, dataset))
+        for r, label in zip(runs, labels):
+            store = RunStore(r.workdir, run_meta_for(r, student_arch, teacher, dataset), label=label)
             stores.append(store)
             # Fresh state from host copies: device_put may alias, and the step donates its state.
             host = jax.tree_util.tree_map(np.asarray, dict(r.student_variables))
@@ -1260,8 +1270,7 @@ def train_runs(
             setup = dataclasses.replace(setup, cache=cache_for(teacher_cache_dir, spec, first, dataset, teacher, mesh))
         bar = None
         if len(groups) > 1 and not vectorize:
-            bar = tqdm(total=len(groups), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True,
-                       disable=not distributed.is_primary())
+            bar = console.bar(total=len(groups), desc="runs", unit="run")
         for members in groups:
             if bar is not None:
                 bar.set_postfix_str(runs[members[0]].workdir.name)
@@ -1292,7 +1301,7 @@ def score_selected(results: Sequence[RunResult], dataset: data.Dataset, spec: St
     images = distributed.put_replicated(test.eval.images, sharding.replicated(mesh)) if dataset.in_memory else test
     labels = test.labels
     scored = []
-    for result in results:
+    for result, label in zip(results, run_labels([r.workdir for r in results])):
         _, variables, meta = checkpoint.load_model(result.workdir / "best", arch=spec.student_arch,
                                                    sharding=sharding.replicated(mesh))
         logits = distributed.to_host(all_outputs(spec.student, variables, images, batch_size, mesh=mesh,
@@ -1303,8 +1312,8 @@ def score_selected(results: Sequence[RunResult], dataset: data.Dataset, spec: St
                   "selected_val_acc": float(meta.provenance["val_acc"])}
         if distributed.is_primary():
             checkpoint.write_text_atomic(result.workdir / TEST_FILE, json.dumps(record, indent=1) + "\n")
-            _log(f"test: {record['acc']:.4f} ({correct}/{labels.size}) with the epoch-{record['selected_epoch']} "
-                 f"model selected on val", result.workdir)
+            _log(label, result.workdir, f"test: {record['acc']:.4f} ({correct}/{labels.size}) with the "
+                 f"epoch-{record['selected_epoch']} model selected on val")
         scored.append(dataclasses.replace(result, test=record))
     return scored
 

@@ -206,7 +206,7 @@ def decide_in_memory(choice: str | bool, needed: int, share: float = DEVICE_MEMO
         return choice == "on"
     capacity, what = memory_capacity()
     fits = needed <= share * capacity
-    log.info("--data_in_memory auto: the splits take %.2f GB per device, %s is %.2f GB: %s", needed / 1e9, what,
+    log.debug("--data_in_memory auto: the splits take %.2f GB per device, %s is %.2f GB: %s", needed / 1e9, what,
              capacity / 1e9, "held in memory" if fits else f"streamed (more than {share:.0%})")
     return fits
 

@@ -58,15 +58,14 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core.utils import tqdm_utils
-from tqdm import tqdm
 
+from kdjax import console
 from kdjax.data import transforms
 from kdjax.data.folder import DataError, FolderIndex, tree_digest, tree_fingerprint
 
@@ -349,9 +348,9 @@ DIGEST_NOTICE_BYTES = 256 << 20
 def _content_digest(index: FolderIndex, num_files: int, num_bytes: int) -> str:
     if num_bytes <= DIGEST_NOTICE_BYTES:
         return tree_digest(index.root)
-    print(f"kdjax: reading the {num_files} files ({num_bytes / 1e9:.1f} GB) under {index.root} to identify them "
-          "(once per change of the tree; --verify_data does it on every start)", file=sys.stderr, flush=True)
-    with tqdm(total=num_files, desc="digest", unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+    console.line(f"kdjax: reading the {num_files} files ({num_bytes / 1e9:.1f} GB) under {index.root} to identify "
+                 "them (once per change of the tree; --verify_data does it on every start)")
+    with console.bar(total=num_files, desc="digest", unit="file") as bar:
         return tree_digest(index.root, progress=bar.update)
 
 
@@ -399,16 +398,9 @@ def prepare(
     decoded = not is_prepared(path)
     if decoded:
         total = sum(len(entries) for entries in index.files.values())
-        print(
-            f"kdjax: decoding {total} images of {index.root} into {path} "
-            "(once; later runs read the cache)",
-            file=sys.stderr,
-            flush=True,
-        )
+        console.line(f"kdjax: decoding {total} images of {index.root} into {path} (once; later runs read the cache)")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with _quiet_tfds(), tqdm(
-            total=total, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True
-        ) as bar:
+        with _quiet_tfds(), console.bar(total=total, desc="decoding", unit="image") as bar:
             write_cache(path, index, spec, identity=identity, stop_on_unreadable=not skip_bad_images,
                         progress=bar.update)
     with _quiet_tfds():
