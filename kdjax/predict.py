@@ -71,12 +71,13 @@ def predict_files(directory, paths: Sequence[str]) -> Iterable[dict | ImageReadE
         }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdjax.predict", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m kdjax.predict") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a kdjax model directory")
     parser.add_argument("--arch", choices=sorted(models.ARCHS), help="fail unless the model is this arch")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     args = parser.parse_args(argv)
+    name = "kdjax.predict" if prog == "python -m kdjax.predict" else prog
     try:
         if args.arch is not None:
             meta = checkpoint.read_meta(args.checkpoint)
@@ -88,11 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for result in predict_files(args.checkpoint, args.images):
             if isinstance(result, ImageReadError):
                 failed = True
-                print(f"kdjax.predict: error: {result}", file=sys.stderr)
+                print(f"{name}: error: {result}", file=sys.stderr)
             else:
                 print(json.dumps(result), flush=True)
     except checkpoint.ModelDirError as err:
-        print(f"kdjax.predict: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     return 1 if failed else 0
 

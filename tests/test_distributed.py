@@ -69,7 +69,7 @@ def test_initialising_after_the_backend_is_in_use_is_refused():
 
 
 def test_entry_point_reports_partial_flags_in_one_line(capsys):
-    from experiments import teacher
+    from kdjax.cli import teacher
 
     assert teacher.main(["--num_processes", "2", "--process_id", "1"]) == 2
     err = capsys.readouterr().err.strip()

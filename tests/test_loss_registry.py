@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import conftest
-from experiments import cli
 from kdjax import data, losses, models, train
+from kdjax.cli import flags as cli
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
 

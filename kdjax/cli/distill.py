@@ -1,15 +1,18 @@
 """The study end to end: teacher, n distillation runs per alpha, the seed's table and an honest one.
 
-    python -m experiments.paper --alpha 0.5
-    python -m experiments.paper --init scratch --data_dir ../shared/data/hymenoptera_data \
+    kdjax distill --alpha 0.5                 (also: python -m experiments.paper --alpha 0.5)
+    kdjax distill --init scratch --data_dir ../shared/data/hymenoptera_data \
         --image_size 112 --out runs/paper112
+    kdjax distill --config runs/paper112/recipe.toml --out runs/paper112_again
 
 Flags and defaults are the seed's (``--alpha --n_exp --data_dir --teacher_file --num_epochs
 --batch_size --lr --momentum --s_lr_step_size --s_rl_gamma``), with its defects fixed: every
 alpha given is used, ``--n_exp 4`` runs 4 experiments, and ``--s_rl_gamma`` defaults to 0.1 (the
 seed's text) rather than its published command's 0, which freezes the learning rate at 0 after
 epoch 7. Without ``--teacher_file`` the teacher is fine-tuned first into ``OUT/teacher`` (or
-reused from there). Re-running with the same ``--out`` resumes unfinished runs.
+reused from there). Re-running with the same ``--out`` resumes unfinished runs. With ``--init
+imagenet`` (the default) a missing torchvision file is downloaded by the run, checksummed.
+``OUT/recipe.toml`` holds every flag as resolved; ``--config`` reads such a file.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments import cli
+from kdjax.cli import flags as cli
 from kdjax.config import STUDENT_TRAIN_MODES
 
+COMMAND = "distill"
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n")[0])
+
+def build_parser(prog: str = "kdjax distill") -> argparse.ArgumentParser:
+    """Every flag of the command (its own, then the shared ones of ``kdjax.cli.flags``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     g = parser.add_argument_group("study")
     g.add_argument("--alpha", type=float, nargs="+", default=None,
                    help="CE weight(s) of the shorthand --loss TERM: alpha*CE + (1-alpha)*TERM "
@@ -58,7 +64,13 @@ def main(argv=None) -> int:
                         "share a frozen backbone (--student_train fc/fc_frozen_bn with a logit loss: "
                         "the 12-run study's epoch took 30 s together against 73 s one by one at "
                         "112 px on 2 cores, benchmarks/README.md), else off")
-    args = cli.parse(parser, argv, gamma=0.1)
+    cli.add_shared_flags(parser, gamma=0.1)
+    return parser
+
+
+def main(argv=None, prog: str = "kdjax distill") -> int:
+    parser = build_parser(prog)
+    args = cli.parse(parser, argv, command=COMMAND)
 
     import pathlib
 
@@ -80,6 +92,7 @@ def main(argv=None) -> int:
         )
         for alpha in config.alphas:  # validate every alpha before any work
             config.run_config(alpha, 0)
+        cli.write_recipe(args, parser, COMMAND, args.student_arch)
         dataset = cli.load_data(args, args.student_arch)
         out = pathlib.Path(args.out)
         teacher_paths = args.teacher_file
@@ -89,7 +102,8 @@ def main(argv=None) -> int:
             teacher_arch = teacher_archs[0] or protocol.TEACHER_ARCH
             # the seed fine-tuned its teacher with the same recipe as the students
             result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher",
-                                                teacher_arch, scan_epochs=cli.scan_epochs(args))
+                                                teacher_arch, scan_epochs=cli.scan_epochs(args),
+                                                tensorboard_dir=out / "tensorboard" / "teacher")
             print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}",
                   file=sys.stderr)
             teacher_paths = [out / "teacher" / "best"]
@@ -101,7 +115,7 @@ def main(argv=None) -> int:
                                      vectorize=vectorize, scan_epochs=cli.scan_epochs(args),
                                      teacher_cache_dir=args.teacher_cache)
     except cli.USER_ERRORS as err:
-        return cli.fail("experiments.paper", err)
+        return cli.fail(prog, err)
     if cli.is_primary():
         print(report.summary_markdown(summary))
         print(f"\nwritten: {out.absolute() / 'summary.md'}")
@@ -109,4 +123,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_with(main, "experiments.paper")
+    cli.exit_with(main, "kdjax distill")

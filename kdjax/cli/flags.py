@@ -1,7 +1,9 @@
-"""Flags shared by the entry points (data, training recipe, output), and their error exit.
+"""Flags shared by the training entry points (data, training recipe, runtime, output), the
+console's verbosity, and their error exit.
 
-Kept here rather than in kdjax: they are the command-line surface of the experiments, and the
-seed's flag names (``--s_lr_step_size``, ``--s_rl_gamma``) are part of that surface.
+The seed's flag names (``--s_lr_step_size``, ``--s_rl_gamma``) are part of this surface. Every
+flag can also come from a recipe file (``--config recipe.toml``, :mod:`kdjax.cli.recipe`); a
+flag given on the command line wins over the file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from kdjax.cli import recipe
 from kdjax.config import OptimConfig
 
 
@@ -149,19 +152,59 @@ def image_size(args: argparse.Namespace, arch: str) -> int:
     return args.image_size if args.image_size is not None else models.get(arch).input.crop_size
 
 
-def parse(parser: argparse.ArgumentParser, argv, *, gamma: float) -> argparse.Namespace:
-    """Add the flags every entry point shares (data, recipe, engine, runtime, multi-process),
-    parse ``argv``, and apply the runtime settings before anything starts JAX's backend."""
+def add_shared_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
+    """The flags every training command shares: data, recipe, engine, runtime, console,
+    multi-process, and ``--config``."""
     add_data_flags(parser)
     add_recipe_flags(parser, gamma=gamma)
     add_engine_flags(parser)
     add_runtime_flags(parser)
+    add_console_flags(parser)
     add_distributed_flags(parser)
+    parser.add_argument("--config", default=None, metavar="RECIPE.toml",
+                        help="read every flag from a recipe file (what each study writes as OUT/recipe.toml); "
+                             "flags given here win over the file's")
+
+
+def parse(parser: argparse.ArgumentParser, argv, *, command: str) -> argparse.Namespace:
+    """Parse ``argv`` after the tokens of its ``--config`` recipe (so the command line wins),
+    and apply the runtime settings before anything starts JAX's backend. A bad recipe file exits
+    like a bad flag: usage and the file's problem, status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    config = pre.parse_known_args(argv)[0].config
+    if config is not None:
+        try:
+            argv = recipe.to_argv(config, parser, command) + argv
+        except recipe.RecipeError as err:
+            parser.error(str(err))
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(verbosity(args))
     tune_xla_cpu(args.xla_cpu_tuning)
     enable_compile_cache(args.compile_cache)
     return args
+
+
+def add_console_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("console").add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true",
+                   help="warnings, errors and the final table only: no per-epoch lines, no progress bars")
+    g.add_argument("--verbose", action="store_true",
+                   help="also kdjax's decisions (data placement, caches) and the libraries' own notices")
+
+
+def verbosity(args: argparse.Namespace) -> str:
+    return "quiet" if args.quiet else "verbose" if args.verbose else "normal"
+
+
+def write_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str, arch: str):
+    """Write the study's resolved recipe to ``--out`` (process 0): the dtype and image size the
+    run uses in place of their defaults, so a rerun elsewhere computes the same thing."""
+    if not is_primary():
+        return None
+    return recipe.write(args.out, command, recipe.resolved(args, parser, dtype=default_dtype(args.dtype),
+                                                           image_size=image_size(args, arch)))
 
 
 def tune_xla_cpu(setting: str) -> list[str]:
@@ -255,7 +298,7 @@ def load_data(args: argparse.Namespace, arch: str):
     from kdjax import data, distributed
 
     # process 0 downloads and decodes first: the others then find the shared cache filled
-    with distributed.primary_first("experiments.cli.load_data"):
+    with distributed.primary_first("kdjax.cli.load_data"):
         return data.load_splits(args.data_dir, image_size=image_size(args, arch), cache_dir=args.cache_dir,
                                 skip_bad_images=args.skip_bad_images, in_memory=args.data_in_memory,
                                 verify_data=args.verify_data)
@@ -274,10 +317,17 @@ def default_dtype(requested: str | None) -> str:
     return "bfloat16" if accelerated() else "float32"
 
 
-def setup_logging() -> None:
+def setup_logging(level: str = "normal") -> None:
+    """The console of a training command: kdjax's per-epoch lines and warnings (``normal``),
+    warnings only (``quiet``), or kdjax's decisions and the libraries' notices too (``verbose``).
+
+    absl (orbax's and tfds' logger) speaks only at ERROR unless ``verbose``: its routine notices
+    (checkpoint waits, dataset builder steps) say nothing a user acts on. JAX's own warnings (a
+    GPU present without a CUDA jaxlib) stay: they do."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    # absl (orbax, tfds) is chatty at INFO/WARNING about routine checkpoint waits
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    kdjax_level = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[level]
+    logging.getLogger("kdjax").setLevel(kdjax_level)
+    logging.getLogger("absl").setLevel(logging.INFO if level == "verbose" else logging.ERROR)
 
 
 def fail(prog: str, err: BaseException) -> int:

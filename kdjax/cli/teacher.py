@@ -1,41 +1,52 @@
 """Fine-tune a teacher (the seed's ResNet-50 by default) with the seed's recipe and write its model
 directory.
 
-    python -m experiments.teacher --init imagenet --out runs/teacher
-    python -m experiments.teacher --init scratch --data_dir ../shared/data/hymenoptera_data \
+    kdjax teacher --init imagenet --out runs/teacher   (also: python -m experiments.teacher ...)
+    kdjax teacher --init scratch --data_dir ../shared/data/hymenoptera_data \
         --image_size 112 --out runs/teacher112
 
 25 epochs, batch 32, SGD lr 0.001 momentum 0.9, StepLR 7 / 0.1, all layers trained; the best
 val epoch is kept as ``OUT/best`` (a model directory usable by kdjax.predict and as
-``--teacher_file``). Re-running with the same ``--out`` resumes.
+``--teacher_file``). Re-running with the same ``--out`` resumes; ``OUT/recipe.toml`` holds every
+flag as resolved, and ``--config`` reads such a file.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from experiments import cli
+from kdjax.cli import flags as cli
+
+COMMAND = "teacher"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.teacher", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "kdjax teacher") -> argparse.ArgumentParser:
+    """Every flag of the command (its own, then the shared ones of ``kdjax.cli.flags``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--init", default="imagenet",
                         help="imagenet (torchvision weights), scratch, or a model dir / PyTorch file")
     parser.add_argument("--arch", "--teacher_arch", dest="arch", choices=cli.arch_choices(),
                         default="resnet50", help="the teacher's architecture")
     parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")
-    args = cli.parse(parser, argv, gamma=0.1)
+    cli.add_shared_flags(parser, gamma=0.1)
+    return parser
+
+
+def main(argv=None, prog: str = "kdjax teacher") -> int:
+    parser = build_parser(prog)
+    args = cli.parse(parser, argv, command=COMMAND)
 
     from kdjax import protocol
 
     try:
         cli.init_distributed(args)  # first: before anything touches the JAX backend
         config = cli.train_config(args, args.arch)
+        cli.write_recipe(args, parser, COMMAND, args.arch)
         dataset = cli.load_data(args, args.arch)
         result = protocol.fine_tune_teacher(dataset, config, args.init, args.out, args.arch,
                                             scan_epochs=cli.scan_epochs(args))
     except cli.USER_ERRORS as err:
-        return cli.fail("experiments.teacher", err)
+        return cli.fail(prog, err)
     if not cli.is_primary():
         return 0
     n = dataset["val"].num_examples
@@ -45,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_with(main, "experiments.teacher")
+    cli.exit_with(main, "kdjax teacher")
