@@ -19,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-from kdjax import checkpoint, models
+from kdjax import checkpoint, distributed, models
 from kdjax.fetch import DownloadError, sha256_file
 from kdjax.models.torchfile import TorchFileError, load_state_dict, save_state_dict
 from kdjax.models.torchvision import (
@@ -71,14 +71,20 @@ def initial_variables(
 ) -> tuple[dict, dict]:
     """Starting weights for training, by the ``--init`` flag:
 
-    - ``imagenet``: torchvision's IMAGENET1K_V1 weights with a fresh head (never a silent random
-      fallback: a missing file stops with the fetch command);
+    - ``imagenet``: torchvision's IMAGENET1K_V1 weights with a fresh head; a file missing from
+      ``third_party_weights/`` is downloaded first (checksummed). Never a silent random fallback:
+      offline, the download stops with its URL and where to place the file by hand;
     - ``scratch``: torchvision's initialisation distributions, seeded by ``key``;
     - a model directory or PyTorch file of ``arch``; its head must have ``num_classes`` outputs.
 
     Returns ``(variables, provenance)``.
     """
     if init == "imagenet":
+        # a missing file is downloaded (checksummed, with a progress bar) by process 0 first, the
+        # others then find it; offline, fetch stops with the URL and where to put the file
+        with distributed.primary_first("kdjax.weights.initial_variables"):
+            if not (DEFAULT_DIR / IMAGENET_WEIGHTS[arch].filename).is_file():
+                fetch(arch)
         variables = imagenet_variables(arch, num_classes, key)
         return variables, {"init": "imagenet", "url": IMAGENET_WEIGHTS[arch].url}
     if init == "scratch":
@@ -189,8 +195,10 @@ def _print_weights() -> None:
                   f"{w.filename}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m kdjax.weights", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m kdjax.weights") -> int:
+    """``prog`` is the parser's name: the ``kdjax`` console script passes ``kdjax``, so usage and
+    errors read ``kdjax convert ...``."""
+    parser = _Parser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     conv = commands.add_parser("convert", help="torchvision .pth/.pt -> kdjax model directory")
     conv.add_argument("--arch", required=True, choices=sorted(models.ARCHS))
@@ -206,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.add_argument("--out", required=True, type=pathlib.Path, help="the .pth file to write")
 
     def fail(message: str) -> int:
-        print(f"kdjax.weights: error: {' '.join(str(message).split())}", file=sys.stderr)
+        command = (list(argv or sys.argv[1:]) or [""])[0]
+        name = "kdjax.weights" if prog == "python -m kdjax.weights" else f"{prog} {command}".strip()
+        print(f"{name}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
 
     try:

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import io
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -344,6 +345,39 @@ def test_imagenet_variables_replace_the_head(tmp_path, monkeypatch):
     bound = 1 / np.sqrt(512)
     assert all(np.abs(a).max() <= bound for a in head.values())
     assert head["kernel"].std() > bound / 2  # U(-b, b) has std b/sqrt(3): not zeros, not tiny
+
+
+def test_init_imagenet_fetches_a_missing_file_and_offline_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    """``--init imagenet`` downloads torchvision's file into third_party_weights/ when it is
+    missing (here from a file:// stand-in registered under its own checksum), verifies it and
+    loads it; unreachable, it stops with the URL and the destination, leaving no partial file."""
+    torch.manual_seed(0)
+    w = weights.IMAGENET_WEIGHTS["resnet18"]
+    published = tmp_path / "published" / w.filename
+    published.parent.mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), published)
+    from kdjax.fetch import sha256_file
+
+    monkeypatch.chdir(tmp_path)  # third_party_weights/ is relative to the working directory
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "resnet18", dataclasses.replace(
+        w, url=published.as_uri(), sha256=sha256_file(published)))
+    variables, provenance = weights.initial_variables("imagenet", "resnet18", 2, jax.random.key(0))
+    fetched = tmp_path / "third_party_weights" / w.filename
+    assert fetched.read_bytes() == published.read_bytes()
+    assert provenance["init"] == "imagenet"
+    want = weights.to_flax(load_state_dict(published), "resnet18")
+    variables["params"].pop("fc"), want["params"].pop("fc")  # a fresh 2-class head replaces the 1000-class one
+    assert _tree_equal(variables, want)
+    assert f"downloading {published.as_uri()}" in capsys.readouterr().err
+
+    fetched.unlink()
+    gone = tmp_path / "nowhere" / w.filename
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "resnet18", dataclasses.replace(w, url=gone.as_uri()))
+    with pytest.raises(DownloadError) as info:
+        weights.initial_variables("imagenet", "resnet18", 2, jax.random.key(0))
+    message = str(info.value)
+    assert gone.as_uri() in message and str(pathlib.Path("third_party_weights") / w.filename) in message
+    assert not list((tmp_path / "third_party_weights").iterdir())
 
 
 def test_imagenet_variables_refuse_a_corrupt_file(tmp_path):
