@@ -6,13 +6,19 @@ finished run is read back, an interrupted one continues from its last epoch chec
 
     OUT/teacher/            the teacher's fine-tuning run; OUT/teacher/best is its model dir
     OUT/alpha_<a>/run_<r>/  one distillation run: metrics.json, checkpoints/, best/ (student)
-    OUT/tensorboard/alpha_<a>/run_<r>/   TensorBoard event files
+    OUT/tensorboard/alpha_<a>/run_<r>/   its TensorBoard events, written as each epoch ends
     OUT/summary.md, OUT/summary.json, OUT/plots/*.png
+
+A teacher run in W writes its events into ``W/tensorboard/`` as each epoch ends
+(``fine_tune_teacher``'s ``tensorboard_dir``; ``OUT/tensorboard/teacher`` puts the study's
+teacher beside its students under one ``tensorboard --logdir OUT/tensorboard``). The events of
+a resumed run continue its earlier ones without repeating an epoch (``report.EpochEvents``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -65,18 +71,54 @@ def alpha_dir(alpha: float) -> str:
 def fine_tune_teacher(
     dataset: data.Dataset, config: TrainConfig, init: str, workdir: str | pathlib.Path,
     arch: str = TEACHER_ARCH, *, scan_epochs: bool | None = None,
+    tensorboard_dir: str | pathlib.Path | None = None,
 ) -> train.RunResult:
     """Supervised fine-tuning of the teacher ``arch`` (all layers); ``workdir/best`` is the
-    teacher's model directory."""
+    teacher's model directory. Its TensorBoard events go to ``tensorboard_dir`` (by default
+    ``workdir/tensorboard``) as each epoch ends."""
     config = dataclasses.replace(config, distill=None)
     variables, provenance = weights.initial_variables(
         init, arch, len(dataset.class_names), jax.random.key(config.seed),
         image_size=config.image_size,
     )
-    return train.train_and_evaluate(
-        config, workdir, dataset, variables, student_arch=arch,
-        provenance={"role": "teacher", **provenance}, scan_epochs=scan_epochs,
-    )
+    workdir = pathlib.Path(workdir)
+    run = train.Run(config, workdir, variables, {"role": "teacher", **provenance})
+    logdir = workdir / "tensorboard" if tensorboard_dir is None else pathlib.Path(tensorboard_dir)
+    return _train_with_events([run], [logdir], dataset, student_arch=arch, scan_epochs=scan_epochs)[0]
+
+
+def _history(workdir: pathlib.Path) -> list[dict]:
+    """The epoch records of a run's ``metrics.json`` (none before its first epoch)."""
+    path = workdir / "metrics.json"
+    return json.loads(path.read_text())["history"] if path.is_file() else []
+
+
+def _train_with_events(runs: list[train.Run], logdirs: list[pathlib.Path] | None, dataset: data.Dataset,
+                       **kwargs) -> list[train.RunResult]:
+    """``train.train_runs`` writing run k's TensorBoard events under ``logdirs[k]`` as each of its
+    epochs ends (process 0 only; no events with ``logdirs`` None).
+
+    A run's writer opens at its first new epoch: a resumed run's earlier records (its
+    metrics.json, written before the callback) and earlier event files go to
+    ``report.EpochEvents.write``, which continues them without repeating an epoch. A run that had
+    finished before this call gets its events written only if its files lack epochs. The
+    writers are closed however training ends, so an interrupted run keeps its events.
+    """
+    if logdirs is None or not distributed.is_primary():
+        return train.train_runs(runs, dataset, **kwargs)
+    histories: dict[int, list[dict]] = {}
+
+    def on_epoch(k: int, record: dict) -> None:
+        if k not in histories:
+            histories[k] = [r for r in _history(runs[k].workdir) if r["epoch"] < record["epoch"]]
+        histories[k].append(record)
+        events.write(logdirs[k], histories[k])
+
+    with report.EpochEvents() as events:
+        results = train.train_runs(runs, dataset, on_epoch=on_epoch, **kwargs)
+        for logdir, result in zip(logdirs, results):
+            events.write(logdir, result.history)
+    return results
 
 
 def teacher_source(path: str | pathlib.Path) -> pathlib.Path:
@@ -162,7 +204,8 @@ def run_paper(
     scan_epochs: bool | None = None,
     teacher_cache_dir: str | pathlib.Path | None = None,
 ) -> dict | None:
-    """Every (alpha, run) of the study, then ``summary.{md,json}``, plots and event files.
+    """Every (alpha, run) of the study with its event files written as each epoch ends, then
+    ``summary.{md,json}`` and plots.
 
     ``vectorize`` trains the runs together (``kdjax.train``'s groups: same metrics, one teacher
     pass per seed and step); otherwise one after another. Either way resumes the other's
@@ -172,17 +215,15 @@ def run_paper(
     out = pathlib.Path(out).absolute()
     jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
     runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
-    results = train.train_runs(runs, dataset, student_arch=config.student_arch, teacher=teacher,
-                               vectorize=vectorize, scan_epochs=scan_epochs, teacher_cache_dir=teacher_cache_dir)
+    logdirs = [out / "tensorboard" / alpha_dir(alpha) / f"run_{run}" for alpha, run in jobs] if tensorboard else None
+    results = _train_with_events(runs, logdirs, dataset, student_arch=config.student_arch, teacher=teacher,
+                                 vectorize=vectorize, scan_epochs=scan_epochs, teacher_cache_dir=teacher_cache_dir)
     runs_by_alpha: dict[float, list[list[dict]]] = {}
     tests_by_alpha: dict[float, list[dict]] = {}
     for (alpha, run), result in zip(jobs, results):
         runs_by_alpha.setdefault(alpha, []).append(result.history)
         if result.test is not None:
             tests_by_alpha.setdefault(alpha, []).append(result.test)
-        if tensorboard and distributed.is_primary():
-            logdir = out / "tensorboard" / alpha_dir(alpha) / f"run_{run}"
-            report.write_tensorboard(logdir, result.history, purge_step=1)
 
     num_val = dataset["val"].num_examples
     extra = {

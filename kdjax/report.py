@@ -1,4 +1,5 @@
-"""Summaries of finished runs: the seed's table, an honest table, plots and TensorBoard events.
+"""Summaries of runs: the seed's table, an honest table, plots and TensorBoard events (written as
+epochs end).
 
 Inputs are run histories grouped by alpha, ``{alpha: [history, ...]}`` with runs in order; a
 history is the list of per-epoch records that ``kdjax.train`` writes::
@@ -8,8 +9,9 @@ history is the list of per-epoch records that ``kdjax.train`` writes::
      "seconds": 12.3}
 
 (supervised runs have no teacher keys). Tables are pure functions returning plain Python
-floats; ``write_summary``, ``plot_curves`` and ``TensorBoardWriter`` write only under the paths
-they are given, so the caller decides which process writes (process 0 when multi-host).
+floats; ``write_summary``, ``plot_curves``, ``TensorBoardWriter`` and ``EpochEvents`` (event
+files kept up to date as epochs end) write only under the paths they are given, so the caller
+decides which process writes (process 0 when multi-host).
 matplotlib, tensorboardX and scipy are imported only inside the functions that need them.
 """
 
@@ -19,7 +21,10 @@ import json
 import math
 import os
 import pathlib
+import socket
+import struct
 import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -358,23 +363,26 @@ def write_summary(
 
 # --------------------------------------------------------------------------- plots
 
-# (file stem, val key, y label) of the seed's three figures.
-PLOTS: tuple[tuple[str, str, str], ...] = (
-    ("val_loss", "loss", "val loss"),
-    ("val_acc", "acc", "val accuracy"),
-    ("diff_t_s", "diff_t_s", "mean |teacher - student| logit"),
+# (file stem, val key, y label, train curves too) of the seed's three figures. The loss figure
+# draws the train loss beside the val loss (dashed, in each run's colour), so that a gap between
+# them (over- or under-fitting) shows; the file keeps the seed's name.
+PLOTS: tuple[tuple[str, str, str, bool], ...] = (
+    ("val_loss", "loss", "loss", True),
+    ("val_acc", "acc", "val accuracy", False),
+    ("diff_t_s", "diff_t_s", "mean |teacher - student| logit", False),
 )
 ZOOM_EPOCHS = 15
 
 
-def curves(runs: Sequence[History], key: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
-    """Per-run ``(epochs, values)`` of ``val[key]`` and the mean over runs at each epoch.
+def curves(runs: Sequence[History], key: str,
+           phase: str = "val") -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """Per-run ``(epochs, values)`` of ``record[phase][key]`` and the mean over runs at each epoch.
 
     The mean at epoch e is over the runs that reached e (an unfinished run only shortens it).
     """
     per_run = []
     for h in runs:
-        pts = [(int(r["epoch"]), float(r["val"][key])) for r in h if key in r["val"]]
+        pts = [(int(r["epoch"]), float(r[phase][key])) for r in h if key in r.get(phase, {})]
         e, v = (np.array(x) for x in zip(*pts)) if pts else (np.array([], int), np.array([]))
         per_run.append((e, v))
     epochs = np.array(sorted({int(x) for e, _ in per_run for x in e}), dtype=int)
@@ -382,54 +390,81 @@ def curves(runs: Sequence[History], key: str) -> tuple[list[tuple[np.ndarray, np
     return per_run, epochs, mean
 
 
-def plot_curves(out_dir: str | os.PathLike, runs_by_alpha: RunsByAlpha) -> list[pathlib.Path]:
-    """PNG figures like the seed's: ``alpha<a>_<val_loss|val_acc|diff_t_s>.png`` in ``out_dir``.
-
-    Each figure has the whole run on the left and the last 15 epochs (all, if fewer) on the
-    right; one thin line per run and the mean over runs in bold. The accuracy figure also draws
-    the teacher's val accuracy when recorded. Figures whose key no record holds are skipped.
-    """
+def _matplotlib():
     try:
         # Figure + the Agg canvas directly: no pyplot global state, no GUI backend selection.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("kdjax.report.plot_curves needs matplotlib: pip install 'kdjax[plots]'") from e
+    return Figure, FigureCanvasAgg
 
+
+def curve_figure(alpha: float, runs: Sequence[History], stem: str):
+    """The figure ``plot_curves`` saves as ``alpha<a>_<stem>.png`` (a matplotlib ``Figure`` on the
+    Agg canvas), or None when no record holds its key.
+
+    Whole run on the left, the last 15 epochs (all, if fewer) on the right. The val curves: one
+    thin line per run (labelled ``run <i>``) and the mean over runs in bold black (``val
+    mean``). The loss figure adds the train loss dashed: each run's in its val colour, the mean
+    bold black (``train mean``). The accuracy figure adds the teacher's val accuracy (grey,
+    dashed) when recorded.
+    """
+    Figure, FigureCanvasAgg = _matplotlib()
+    [(key, ylabel, with_train)] = [(k, y, t) for s, k, y, t in PLOTS if s == stem]
+    per_run, epochs, mean = curves(runs, key)
+    if epochs.size == 0:
+        return None
+    train = curves(runs, key, "train") if with_train else None
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    first_zoom = epochs[max(0, epochs.size - ZOOM_EPOCHS)]
+    what = f"val {ylabel} and train {ylabel} (dashed)" if with_train else ylabel
+    for ax, lo, title in zip(
+        fig.subplots(1, 2),
+        (epochs[0], first_zoom),
+        (f"alpha = {alpha_label(alpha)}: {what}", f"last {min(ZOOM_EPOCHS, epochs.size)} epochs"),
+    ):
+        for i, (e, v) in enumerate(per_run):
+            sel = e >= lo
+            ax.plot(e[sel], v[sel], color=f"C{i % 10}", lw=1, alpha=0.6, marker=".", label=f"run {i + 1}")
+        sel = epochs >= lo
+        ax.plot(epochs[sel], mean[sel], color="black", lw=2.2, label="val mean" if with_train else "mean")
+        if train is not None:
+            t_runs, t_epochs, t_mean = train
+            for i, (e, v) in enumerate(t_runs):
+                sel = e >= lo
+                ax.plot(e[sel], v[sel], color=f"C{i % 10}", lw=1, alpha=0.6, ls="--", label="_nolegend_")
+            sel = t_epochs >= lo
+            ax.plot(t_epochs[sel], t_mean[sel], color="black", lw=2.2, ls="--", label="train mean")
+        if key == "acc":
+            _, t_epochs, t_mean = curves(runs, "teacher_acc")
+            if t_epochs.size:
+                ts = t_epochs >= lo
+                ax.plot(t_epochs[ts], t_mean[ts], color="grey", ls="--", lw=1.2, label="teacher")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize="small")
+    # fixed margins: tight_layout measures every text and took half of the drawing time
+    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
+    return fig
+
+
+def plot_curves(out_dir: str | os.PathLike, runs_by_alpha: RunsByAlpha) -> list[pathlib.Path]:
+    """PNG figures like the seed's: ``alpha<a>_<val_loss|val_acc|diff_t_s>.png`` in ``out_dir``
+    (``curve_figure``; ``val_loss`` also draws the train loss). Figures whose key no record holds
+    are skipped."""
+    _matplotlib()
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for alpha in _check(runs_by_alpha):
-        runs = runs_by_alpha[alpha]
-        for stem, key, ylabel in PLOTS:
-            per_run, epochs, mean = curves(runs, key)
-            if epochs.size == 0:
+        for stem, *_ in PLOTS:
+            fig = curve_figure(alpha, runs_by_alpha[alpha], stem)
+            if fig is None:
                 continue
-            fig = Figure(figsize=(11, 4))
-            FigureCanvasAgg(fig)
-            first_zoom = epochs[max(0, epochs.size - ZOOM_EPOCHS)]
-            for ax, lo, title in zip(
-                fig.subplots(1, 2),
-                (epochs[0], first_zoom),
-                (f"alpha = {alpha_label(alpha)}: {ylabel}", f"last {min(ZOOM_EPOCHS, epochs.size)} epochs"),
-            ):
-                for i, (e, v) in enumerate(per_run):
-                    sel = e >= lo
-                    ax.plot(e[sel], v[sel], lw=1, alpha=0.6, marker=".", label=f"run {i + 1}")
-                sel = epochs >= lo
-                ax.plot(epochs[sel], mean[sel], color="black", lw=2.2, label="mean")
-                if key == "acc":
-                    _, t_epochs, t_mean = curves(runs, "teacher_acc")
-                    if t_epochs.size:
-                        ts = t_epochs >= lo
-                        ax.plot(t_epochs[ts], t_mean[ts], color="grey", ls="--", lw=1.2, label="teacher")
-                ax.set_title(title)
-                ax.set_xlabel("epoch")
-                ax.set_ylabel(ylabel)
-                ax.grid(alpha=0.3)
-            fig.axes[0].legend(fontsize="small")
-            # fixed margins: tight_layout measures every text and took half of the drawing time
-            fig.subplots_adjust(left=0.08, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
             path = out / f"alpha{alpha_label(alpha)}_{stem}.png"
             fig.savefig(path, dpi=100)
             written.append(path)
@@ -450,49 +485,76 @@ def record_scalars(record: Record) -> dict[str, float]:
     return tags
 
 
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
-    is installed, only to recognise its tensors, which kdjax never passes (seconds of start-up;
-    benchmarks/README.md). A torch the program already imported is left as it is."""
+def _tensorboardx():
+    """tensorboardX's record writer and event protos, imported without torch: tensorboardX imports
+    torch when it is installed, only to recognise its tensors, which kdjax never passes (seconds of
+    start-up; benchmarks/README.md). A torch the program already imported is left as it is."""
+
+    def load():
+        try:
+            from tensorboardX import RecordWriter
+            from tensorboardX.proto import event_pb2, summary_pb2
+        except ImportError as e:
+            raise ImportError("kdjax.report's TensorBoard events need tensorboardX: pip install tensorboardX") from e
+        return RecordWriter, event_pb2, summary_pb2
+
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
+        return load()
     sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
     try:
-        from tensorboardX import SummaryWriter
+        return load()
     finally:
         del sys.modules["torch"]
-    return SummaryWriter
+
+
+def _event_file_name(logdir: pathlib.Path) -> pathlib.Path:
+    """A new ``events.out.tfevents.<ns>.<host>`` in ``logdir``. TensorBoard reads a directory's
+    files in name order and a restart marker purges what it read before, so names must sort in
+    the order they were opened: a nanosecond stamp does, also after tensorboardX's second-stamped
+    names of the same second; tensorboardX's own names collide within a second and overwrite."""
+    host = socket.gethostname()
+    ns = time.time_ns()
+    while (path := logdir / f"events.out.tfevents.{ns}.{host}").exists():
+        ns += 1
+    return path
 
 
 class TensorBoardWriter:
-    """TensorBoard event files for one run under ``logdir`` (tensorboardX; no TensorFlow).
+    """TensorBoard event files for one run under ``logdir`` (tensorboardX's protos and record
+    framing; no TensorFlow).
 
-    The step of every scalar is the 1-based epoch. When resuming a run, pass
-    ``purge_step=<first epoch about to be written>`` so TensorBoard discards the earlier
-    attempt's events from that epoch on instead of drawing them twice.
+    The step of every scalar is the 1-based epoch. Writes are synchronous: after ``flush`` a
+    reader sees every record written so far (tensorboardX's ``SummaryWriter`` hands events to a
+    background thread, and its ``flush`` does not wait for them). When resuming a run, pass
+    ``purge_step=<first epoch about to be written>``: it writes a restart marker, so TensorBoard
+    discards the earlier attempt's events from that epoch on instead of drawing them twice.
     """
 
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
-        try:
-            SummaryWriter = _summary_writer_class()
-        except ImportError as e:
-            raise ImportError(
-                "kdjax.report.TensorBoardWriter needs tensorboardX: pip install tensorboardX"
-            ) from e
+        RecordWriter, self._event_pb2, self._summary_pb2 = _tensorboardx()
         self.logdir = pathlib.Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=purge_step)
+        self._file = RecordWriter(str(_event_file_name(self.logdir)))
+        self._write(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            start = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+            self._write(self._event_pb2.Event(wall_time=time.time(), step=int(purge_step), session_log=start))
+
+    def _write(self, event) -> None:
+        self._file.write(event.SerializeToString())
 
     def write_record(self, record: Record) -> None:
-        for tag, value in record_scalars(record).items():
-            self._writer.add_scalar(tag, value, global_step=int(record["epoch"]))
+        """One event at step ``record["epoch"]`` holding every scalar of ``record_scalars``."""
+        Summary = self._summary_pb2.Summary
+        values = [Summary.Value(tag=tag, simple_value=value) for tag, value in record_scalars(record).items()]
+        self._write(self._event_pb2.Event(wall_time=time.time(), step=int(record["epoch"]),
+                                          summary=Summary(value=values)))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._file.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
 
     def __enter__(self) -> TensorBoardWriter:
         return self
@@ -509,3 +571,79 @@ def write_tensorboard(
         for record in history:
             w.write_record(record)
     return w.logdir
+
+
+def read_scalars(logdir: str | os.PathLike, *, purge: bool = True) -> list[tuple[str, int, float]]:
+    """The scalars of the event files in ``logdir`` as ``(tag, step, value)``: files in name order
+    (TensorBoard's), events in the order written; none when there are no files.
+
+    With ``purge`` the scalars TensorBoard shows: a restart marker at step p (``purge_step``)
+    drops the values read before it at steps >= p. Without, every value the files hold. A record
+    cut short at a file's end (a crash while writing) ends that file, as in TensorBoard.
+    """
+    _, event_pb2, _ = _tensorboardx()
+    start = event_pb2.SessionLog.START
+    scalars: list[tuple[str, int, float]] = []
+    for path in sorted(pathlib.Path(logdir).glob("*tfevents*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, data, u32 crc
+            (length,) = struct.unpack("<Q", data[pos: pos + 8])
+            if pos + 12 + length + 4 > len(data):
+                break
+            event = event_pb2.Event.FromString(data[pos + 12: pos + 12 + length])
+            pos += 12 + length + 4
+            if purge and event.HasField("session_log") and event.session_log.status == start:
+                scalars = [s for s in scalars if s[1] < event.step]
+            scalars += [(v.tag, int(event.step), float(v.simple_value)) for v in event.summary.value]
+    return scalars
+
+
+class EpochEvents:
+    """Event files of several runs kept up to date as their epochs end: one ``TensorBoardWriter``
+    per run directory, opened at the run's first new record and kept open, flushed after every
+    write so that a reader sees an epoch as soon as it is recorded. ``close`` (or leaving the
+    ``with`` block) closes them all.
+    """
+
+    def __init__(self):
+        self._writers: dict[pathlib.Path, TensorBoardWriter] = {}
+        self._last: dict[pathlib.Path, int] = {}  # the last epoch each open writer holds
+
+    def write(self, logdir: str | os.PathLike, history: History) -> None:
+        """Make the events under ``logdir`` hold each record of ``history`` (a run's records so
+        far, in epoch order) once.
+
+        The first call for a directory reads what its files already show (a resumed run's earlier
+        attempts), up to epoch m. With m at the history's last epoch L it writes nothing (no new
+        file: a finished run keeps its files). Otherwise it opens a writer with ``purge_step =
+        min(m, L) + 1``, so TensorBoard drops whatever the earlier files hold from there on
+        (points of an attempt that outran its checkpoints), and writes the records after
+        ``min(m, L)``: the ones the earlier attempt recorded but had no events for too. Later
+        calls write the records after the last one written.
+        """
+        logdir = pathlib.Path(logdir)
+        last = int(history[-1]["epoch"]) if history else 0
+        if logdir not in self._writers:
+            shown = max((step for _, step, _ in read_scalars(logdir)), default=0)
+            if shown == last:
+                return
+            self._last[logdir] = min(shown, last)
+            self._writers[logdir] = TensorBoardWriter(logdir, purge_step=self._last[logdir] + 1)
+        writer = self._writers[logdir]
+        for record in history:
+            if int(record["epoch"]) > self._last[logdir]:
+                writer.write_record(record)
+        writer.flush()
+        self._last[logdir] = max(self._last[logdir], last)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        self._last.clear()
+
+    def __enter__(self) -> EpochEvents:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -160,6 +160,69 @@ def assert_same_history(got: list[dict], want: list[dict], rtol: float, atol: fl
                                                err_msg=f"epoch {g['epoch']} {phase}/{key}")
 
 
+def events_by_tag_and_step(logdir, purge: bool = True) -> dict[str, dict[int, list[float]]]:
+    """The scalars of the event files under ``logdir`` (``kdjax.report.read_scalars``): tag ->
+    step -> every value written there, in order; with ``purge`` what TensorBoard shows."""
+    from kdjax import report
+
+    grouped: dict[str, dict[int, list[float]]] = {}
+    for tag, step, value in report.read_scalars(logdir, purge=purge):
+        grouped.setdefault(tag, {}).setdefault(step, []).append(value)
+    return grouped
+
+
+def assert_events_hold(logdir, history: list[dict], purge: bool = True) -> None:
+    """The event files under ``logdir`` hold each record of ``history`` once (every tag of
+    ``kdjax.report.record_scalars``, at step = its epoch, to float32) and nothing else; with
+    ``purge=False`` even without TensorBoard's purging of restarted runs."""
+    import pytest
+
+    from kdjax import report
+
+    scalars = events_by_tag_and_step(logdir, purge)
+    want = {r["epoch"]: report.record_scalars(r) for r in history}
+    assert set(scalars) == set(want[history[0]["epoch"]]), logdir
+    for tag, by_step in scalars.items():
+        assert sorted(by_step) == sorted(want), (logdir, tag)
+        for step, values in by_step.items():
+            assert values == [pytest.approx(want[step][tag], rel=1e-6)], (logdir, tag, step)
+
+
+class Interrupted(Exception):
+    """A training stopped from outside (Ctrl-C, a lost machine), raised by ``watch_events``."""
+
+
+def watch_events(monkeypatch, logdir_of, seen: list, stop_at: int | None = None) -> None:
+    """Wrap ``kdjax.train.train_runs`` so that as each epoch of a run ends, after the caller's own
+    ``on_epoch``, ``seen`` gets ``(record, events_by_tag_and_step(logdir_of(run)))``: what the
+    run's event files show while it is still going. With ``stop_at``, training stops (raises
+    ``Interrupted``) as the last run's epoch ``stop_at`` ends."""
+    from kdjax import train
+
+    train_runs = train.train_runs
+
+    def watched(runs, *args, on_epoch, **kwargs):
+        def callback(k, record):
+            on_epoch(k, record)
+            seen.append((record, events_by_tag_and_step(logdir_of(runs[k]))))
+            if record["epoch"] == stop_at and k == len(runs) - 1:
+                raise Interrupted
+
+        return train_runs(runs, *args, on_epoch=callback, **kwargs)
+
+    monkeypatch.setattr(train, "train_runs", watched)
+
+
+def assert_shown_as_epochs_end(seen: list) -> None:
+    """Each ``watch_events`` sighting shows its record's epoch, with the record's values."""
+    from kdjax import report
+
+    assert seen
+    for record, shown in seen:
+        for tag, value in report.record_scalars(record).items():
+            assert shown[tag][record["epoch"]] == [pytest.approx(value, rel=1e-6)], (tag, record["epoch"])
+
+
 # ----------------------------------------------------------------------------- child processes
 
 
@@ -174,3 +237,4 @@ def child_env() -> dict[str, str]:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(COMPILE_CACHE), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     return env
+

@@ -1,6 +1,7 @@
 """experiments.teacher then experiments.paper, end to end, as a new user chains them: the teacher's
 run directory as --teacher_file, any registered pair (here reversed: a ResNet-18 teacher for a
-ResNet-50 student), a last batch of one example, and the run identity (--init) on re-runs.
+ResNet-50 student), a last batch of one example, the run identity (--init) on re-runs, and the
+teacher's event files, written as its epochs end.
 
 29 generated train images at batch 4 leave one example in the last batch of every epoch (at
 32 px layer4's maps are 1x1, so its BatchNorms see one value per channel there).
@@ -13,9 +14,16 @@ import math
 
 import pytest
 
-from conftest import make_image_folder, varied_size
-from experiments import paper, teacher
+from conftest import (
+    assert_events_hold,
+    assert_shown_as_epochs_end,
+    make_image_folder,
+    read_metrics,
+    varied_size,
+    watch_events,
+)
 from kdjax import checkpoint
+from kdjax.cli import distill as paper, teacher
 
 SPEC = {"train": {"ants": 15, "bees": 14}, "val": {"ants": 3, "bees": 3}}
 COMMON = ["--image_size", "32", "--num_epochs", "1", "--batch_size", "4", "--init", "scratch",
@@ -23,12 +31,21 @@ COMMON = ["--image_size", "32", "--num_epochs", "1", "--batch_size", "4", "--ini
 
 
 @pytest.fixture(scope="module")
-def chained(tmp_path_factory):
+def teacher_epochs() -> list:
+    """What the teacher run's event files showed as each of its epochs ended (``watch_events``;
+    filled by ``chained``)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory, teacher_epochs):
     base = tmp_path_factory.mktemp("experiments")
     images = make_image_folder(base / "images", SPEC, varied_size)
     data_flags = ["--data_dir", str(images), "--cache_dir", str(base / "cache")]
-    status = teacher.main(["--arch", "resnet18", "--out", str(base / "teacher"), *data_flags,
-                           *[f for f in COMMON if f != "--no_plots"]])
+    with pytest.MonkeyPatch.context() as patch:
+        watch_events(patch, lambda run: run.workdir / "tensorboard", teacher_epochs)
+        status = teacher.main(["--arch", "resnet18", "--out", str(base / "teacher"), *data_flags,
+                               *[f for f in COMMON if f != "--no_plots"]])
     return base, data_flags, status
 
 
@@ -40,6 +57,13 @@ def test_teacher_trains_through_a_one_example_batch(chained):
     log = (base / "teacher" / "train.log").read_text()
     assert "29 training examples at batch size 4 leave one example in the last batch" in log
     assert checkpoint.read_meta(base / "teacher" / "best").arch == "resnet18"
+
+
+def test_teacher_writes_its_events_as_each_epoch_ends(chained, teacher_epochs):
+    base, _, _ = chained
+    assert [record["epoch"] for record, _ in teacher_epochs] == [1]
+    assert_shown_as_epochs_end(teacher_epochs)  # in OUT/tensorboard while the run was going
+    assert_events_hold(base / "teacher" / "tensorboard", read_metrics(base / "teacher")["history"])
 
 
 def test_paper_takes_the_teacher_run_directory_and_a_reversed_pair(chained, capsys):
@@ -84,8 +108,9 @@ def test_teacher_file_errors_name_what_to_pass(chained, capsys, tmp_path):
 
 def test_paper_with_weighted_terms_two_teachers_and_a_teacher_cache(chained, capsys):
     """``--loss ce:0.5 kd:0.5 --teacher_file A B --teacher_combine sum --teacher_cache DIR``: one
-    study row (alpha is the CE weight), each term logged, the teachers' logits cached; a rerun
-    into another --out reads the cache and reproduces the metrics."""
+    study row (alpha is the CE weight), each term logged, the teachers' logits cached; its
+    recipe.toml run into another --out (``--config``, no other flag) reads the cache and
+    reproduces the metrics exactly."""
     base, data_flags, _ = chained
     cache = base / "tcache"
     args = ["--loss", "ce:0.5", "kd:0.5", "--temperature", "2", "--n_exp", "1", "--teacher_combine", "sum",
@@ -97,7 +122,11 @@ def test_paper_with_weighted_terms_two_teachers_and_a_teacher_cache(chained, cap
     history = json.loads((base / "multi" / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
     assert {"ce", "kd"} <= set(history[0]["train"]) and {"ce", "kd", "agreement"} <= set(history[0]["val"])
     assert len(list(cache.glob("*/seed0_epoch0.npy"))) == 1
-    assert paper.main([*args, "--out", str(base / "multi_again")]) == 0, capsys.readouterr().err
+    recipe = (base / "multi" / "recipe.toml").read_text()
+    assert 'command = "distill"' in recipe and 'dtype = "float32"' in recipe and "image_size = 32" in recipe
+    assert 'loss = ["ce:0.5", "kd:0.5"]' in recipe and "temperature = 2.0" in recipe
+    assert paper.main(["--config", str(base / "multi" / "recipe.toml"), "--out", str(base / "multi_again")]) == 0, \
+        capsys.readouterr().err
     again = json.loads((base / "multi_again" / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
     assert [r["train"] for r in again] == [r["train"] for r in history]
     assert [r["val"] for r in again] == [r["val"] for r in history]

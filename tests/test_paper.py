@@ -1,5 +1,6 @@
 """experiments.paper end to end on a generated image folder: files, table arithmetic, predict,
-and resuming an output directory that holds only part of the study."""
+event files written as epochs end, and resuming an output directory that holds only part of the
+study (an interrupted run, then more runs)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_image_folder, read_history
-from experiments import paper
+from conftest import (
+    Interrupted,
+    assert_events_hold,
+    assert_shown_as_epochs_end,
+    make_image_folder,
+    read_history,
+    read_metrics,
+    watch_events,
+)
 from kdjax import checkpoint, models
+from kdjax.cli import distill as paper
 from kdjax.predict import predict_files
 
 ALPHAS = ("0", "0.5")
@@ -33,17 +42,35 @@ def study(tmp_path_factory):
     return base, images, args
 
 
-def test_paper_writes_tables_plots_runs_and_a_usable_student(study, capsys):
+def test_paper_writes_tables_plots_runs_and_a_usable_student(study, capsys, monkeypatch):
     base, images, args = study
     out = base / "out"
-    # half the study first (one run per alpha), then the whole: the first runs are reused
-    assert paper.main(["--alpha", *ALPHAS, "--n_exp", "1", "--out", str(out), *args]) == 0
+    half = ["--alpha", *ALPHAS, "--n_exp", "1", "--out", str(out), *args]
+    # half the study first (one run per alpha), interrupted after epoch 1, then resumed
+    seen = []
+    with monkeypatch.context() as patch:
+        watch_events(patch, lambda run: out / "tensorboard" / run.workdir.relative_to(out), seen, stop_at=1)
+        with pytest.raises(Interrupted):
+            paper.main(half)
+    assert [record["epoch"] for record, _ in seen] == [1, 1]  # both runs, trained together
+    assert_shown_as_epochs_end(seen)
+    assert paper.main(half) == 0
     first = {a: (out / f"alpha_{a}" / "run_0" / "metrics.json").read_text() for a in ALPHAS}
+    tb = {a: out / "tensorboard" / f"alpha_{a}" for a in ALPHAS}
+    first_events = {a: sorted((tb[a] / "run_0").iterdir()) for a in ALPHAS}
     capsys.readouterr()
+    # then the whole: the first runs are reused
     assert paper.main(["--alpha", *ALPHAS, "--n_exp", "2", "--out", str(out), *args]) == 0
     printed = capsys.readouterr().out
     for a in ALPHAS:  # finished runs were read back, not trained again
         assert (out / f"alpha_{a}" / "run_0" / "metrics.json").read_text() == first[a]
+    for a in ALPHAS:
+        # events: each epoch of metrics.json once, even counting the interrupted attempt's file
+        # (without TensorBoard's purge); a finished run's files are left as they were
+        for r in range(2):
+            assert_events_hold(tb[a] / f"run_{r}", read_metrics(out / f"alpha_{a}" / f"run_{r}")["history"],
+                               purge=False)
+        assert len(first_events[a]) == 2 and sorted((tb[a] / "run_0").iterdir()) == first_events[a]
 
     summary = json.loads((out / "summary.json").read_text())
     assert "epoch_loss_l" in printed and "final val acc" in printed
@@ -66,7 +93,6 @@ def test_paper_writes_tables_plots_runs_and_a_usable_student(study, capsys):
     assert summary["honest_table"]["num_val"] == 10
 
     assert len(list((out / "plots").glob("*.png"))) == 6  # 3 figures x 2 alphas
-    assert list((out / "tensorboard" / "alpha_0.5" / "run_1").glob("events.out.tfevents*"))
     student = out / "alpha_0.5" / "run_1" / "best"
     assert checkpoint.read_meta(student).arch == "resnet18"
     results = list(predict_files(student, [str(next((images / "val" / "bees").iterdir()))]))

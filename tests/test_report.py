@@ -7,14 +7,13 @@ the exact record format ``kdjax.train`` writes; accuracies are whole images out 
 from __future__ import annotations
 
 import json
-import pathlib
-import struct
 import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import assert_events_hold, events_by_tag_and_step
 from kdjax import report
 
 NUM_VAL = 153
@@ -167,6 +166,30 @@ def test_write_summary_without_seed_reference(tmp_path, runs):
     assert "0.823943" not in (tmp_path / "summary.md").read_text()
 
 
+def test_the_loss_figure_draws_train_loss_beside_val_loss(runs):
+    pytest.importorskip("matplotlib")
+    histories = runs[0.5]
+    fig = report.curve_figure(0.5, histories, "val_loss")
+    for ax in fig.axes:  # the whole run and the zoom (all 3 epochs here)
+        lines = ax.get_lines()
+        val = [ln for ln in lines if ln.get_linestyle() == "-"]
+        train = [ln for ln in lines if ln.get_linestyle() == "--"]
+        assert len(val) == len(train) == 3  # 2 runs + their mean, each
+        for i, h in enumerate(histories):  # each run's train curve dashed, in its val curve's colour
+            np.testing.assert_array_equal(train[i].get_xdata(), [r["epoch"] for r in h])
+            np.testing.assert_array_equal(train[i].get_ydata(), [r["train"]["loss"] for r in h])
+            np.testing.assert_array_equal(val[i].get_ydata(), [r["val"]["loss"] for r in h])
+            assert train[i].get_color() == val[i].get_color() and val[i].get_label() == f"run {i + 1}"
+        assert train[-1].get_label() == "train mean" and val[-1].get_label() == "val mean"
+        np.testing.assert_allclose(train[-1].get_ydata(), [np.mean([h[e]["train"]["loss"] for h in histories])
+                                                           for e in range(3)])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["run 1", "run 2", "val mean", "train mean"]
+    # the other figures stay val-only: the accuracy figure's one dashed line is the teacher's
+    acc = report.curve_figure(0.5, histories, "val_acc")
+    assert [ln.get_label() for ln in acc.axes[0].get_lines() if ln.get_linestyle() == "--"] == ["teacher"]
+
+
 def test_plot_curves_writes_pngs(tmp_path, runs):
     pytest.importorskip("matplotlib")
     paths = report.plot_curves(tmp_path / "plots", runs)
@@ -198,21 +221,6 @@ def test_missing_optional_packages_say_what_to_install(tmp_path, runs, monkeypat
         report.TensorBoardWriter(tmp_path)
 
 
-def _read_events(path: pathlib.Path) -> list:
-    """TFRecord framing (u64 length, u32 crc, data, u32 crc) of tensorboardX's Event protos."""
-    from tensorboardX.proto import event_pb2
-
-    events, data, pos = [], path.read_bytes(), 0
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos : pos + 8])
-        pos += 12
-        event = event_pb2.Event()
-        event.ParseFromString(data[pos : pos + length])
-        events.append(event)
-        pos += length + 4
-    return events
-
-
 def test_tensorboard_events_read_back(tmp_path, runs):
     pytest.importorskip("tensorboardX")
     history = runs[0.5][0]
@@ -220,16 +228,61 @@ def test_tensorboard_events_read_back(tmp_path, runs):
     files = list(logdir.glob("events.out.tfevents*"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
-    scalars: dict[str, dict[int, float]] = {}
-    for event in _read_events(files[0]):
-        for v in event.summary.value:
-            scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    scalars = events_by_tag_and_step(logdir)
     expected = report.record_scalars(history[0])
     assert set(scalars) == set(expected)
     assert {"lr", "train/loss", "val/acc", "val/diff_t_s"} <= set(scalars)
     for r in history:
         for tag, value in report.record_scalars(r).items():
-            assert scalars[tag][r["epoch"]] == pytest.approx(value, rel=1e-6)  # stored as float32
+            assert scalars[tag][r["epoch"]] == [pytest.approx(value, rel=1e-6)]  # stored as float32
+
+
+def test_epoch_events_are_readable_at_once_and_resume_without_repeats(tmp_path, runs):
+    pytest.importorskip("tensorboardX")
+    history = make_history(11, epochs=4)
+    logdir = tmp_path / "run_0"
+    events = report.EpochEvents()
+    events.write(logdir, history[:1])
+    assert_events_hold(logdir, history[:1])  # flushed while the writer is still open
+    events.write(logdir, history[:2])
+    assert_events_hold(logdir, history[:2])
+    events.close()
+    assert len(list(logdir.iterdir())) == 1  # one file per attempt
+
+    # resumed after epoch 2: a second file continues the first, no step repeated (raw files too)
+    with report.EpochEvents() as events:
+        events.write(logdir, history[:3])
+        assert_events_hold(logdir, history[:3], purge=False)
+    # resumed again with nothing left to train: the files are kept as they are
+    with report.EpochEvents() as events:
+        events.write(logdir, history[:3])
+    assert len(list(logdir.iterdir())) == 2
+
+
+def test_epoch_events_fill_what_an_earlier_attempt_missed_and_purge_what_it_outran(tmp_path):
+    pytest.importorskip("tensorboardX")
+    history = make_history(12, epochs=4)
+    # no events yet (a run resumed after epoch 2 whose attempt wrote none): all of its history
+    with report.EpochEvents() as events:
+        events.write(tmp_path / "none", history[:3])
+    assert_events_hold(tmp_path / "none", history[:3], purge=False)
+
+    # the earlier attempt's events stop at epoch 1 but its checkpoint at epoch 2: epoch 2 is filled in
+    report.write_tensorboard(tmp_path / "lag", history[:1])
+    with report.EpochEvents() as events:
+        events.write(tmp_path / "lag", history[:3])
+    assert_events_hold(tmp_path / "lag", history[:3], purge=False)
+
+    # the earlier events reach epoch 4 but the run stands at 2 (other values from epoch 3 on):
+    # a restart marker at step 3 hides the stale points, and the new epoch 3 is drawn once
+    report.write_tensorboard(tmp_path / "ahead", make_history(13, epochs=4))
+    replaced = history[:2] + make_history(14, epochs=3)[2:]
+    with report.EpochEvents() as events:
+        events.write(tmp_path / "ahead", replaced[:2])
+        assert_events_hold(tmp_path / "ahead", make_history(13, epochs=4)[:2])
+        events.write(tmp_path / "ahead", replaced)
+    assert_events_hold(tmp_path / "ahead", make_history(13, epochs=4)[:2] + replaced[2:])
+    assert len(report.read_scalars(tmp_path / "ahead", purge=False)) > len(report.read_scalars(tmp_path / "ahead"))
 
 
 def test_test_accuracies_get_their_statistics_and_columns(tmp_path, runs):
