@@ -238,3 +238,24 @@ def child_env() -> dict[str, str]:
     env.pop("XLA_FLAGS", None)
     return env
 
+
+# ----------------------------------------------------------------------------- memory between files
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_memory_after_each_file():
+    """Drop what a test file compiled and allocated once it is done. An xdist worker runs many
+    files; JAX keeps every executable it compiled in memory and glibc keeps freed heap, so
+    without this each worker grows by gigabytes over the suite, and two of them beside a
+    multi-process test's children can exhaust the machine (a worker killed mid-run). A later
+    file that needs an executable again reads it from the persistent compile cache."""
+    yield
+    import ctypes
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
