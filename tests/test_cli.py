@@ -156,3 +156,21 @@ def test_the_wheel_holds_kdjax_alone_and_its_console_script(tmp_path):
     assert {"kdjax/cli/distill.py", "kdjax/cli/teacher.py", "kdjax/evaluate.py"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "kdjax = kdjax.cli:console_main" in entry_points
+
+
+def test_the_installed_script_and_the_checkout_shims_start():
+    """The console script pip installed beside this interpreter, and ``python -m
+    experiments.paper`` from the repository root, reach their commands."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = pathlib.Path(sys.executable).parent / "kdjax"
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("kdjax ")
+    for module, usage in (("experiments.paper", "usage: python -m experiments.paper"),
+                          ("experiments.teacher", "usage: python -m experiments.teacher")):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0 and done.stdout.startswith(usage) and "--config" in done.stdout, done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import subprocess
 
@@ -251,3 +252,11 @@ def test_a_test_split_scores_the_model_selected_on_val(folder, tmp_path, in_memo
     assert test["selected_epoch"] == result.best_epoch and test["selected_val_acc"] == result.best_val_acc
     assert test["correct"] == 12 - round(result.best_val_acc * 12)
     assert "test: " in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_console_lines_name_each_run_by_its_directory():
+    paths = [pathlib.Path("/o/alpha_0/run_0"), pathlib.Path("/o/alpha_0.5/run_1")]
+    assert train.run_labels(paths) == ["alpha_0/run_0", "alpha_0.5/run_1"]
+    assert train.run_labels(paths[1:]) == ["alpha_0.5/run_1"]  # a run alone keeps its parent's name
+    assert train.run_labels([pathlib.Path("/o/alpha_0.5/run_0"), pathlib.Path("/o/alpha_0.5/run_1")]) == \
+        ["alpha_0.5/run_0", "alpha_0.5/run_1"]
