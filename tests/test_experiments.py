@@ -133,20 +133,27 @@ def test_paper_with_weighted_terms_two_teachers_and_a_teacher_cache(chained, cap
 
 
 def test_the_study_runs_with_any_pair(chained, capsys):
-    # the pair: a ConvNeXt-T teacher (no BatchNorm; fine-tuned first into OUT/teacher)
-    # for a MobileNetV3-Small student with a frozen backbone, through its one-example last batch
-    # (its `all` step is test_train_step's; one compilation less for CI)
+    # the pair: a ConvNeXt-T teacher (no BatchNorm; a model directory of its scratch
+    # weights, so CI compiles no ConvNeXt training step) for a MobileNetV3-Small student with a
+    # frozen backbone, through its one-example last batch (its `all` step is test_train_step's)
+    import jax
+
+    from kdjax import models
+
     base, data_flags, _ = chained
     out = base / "pair"
-    args = ["--alpha", "0.5", "--n_exp", "1", "--teacher_arch", "convnext_tiny", "--student_arch",
+    variables = models.init_variables(models.create_model("convnext_tiny", 2), jax.random.key(0), 32)
+    checkpoint.save_model(base / "convnext", jax.device_get(variables), arch="convnext_tiny",
+                          class_names=["ants", "bees"], provenance={"init": "scratch"}, image_size=32)
+    args = ["--alpha", "0.5", "--n_exp", "1", "--teacher_file", str(base / "convnext"), "--student_arch",
             "mobilenet_v3_small", "--student_train", "fc_frozen_bn", "--out", str(out), *data_flags, *COMMON]
     assert paper.main(args) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["extra"]["teacher_arch"] == "convnext_tiny"
-    assert checkpoint.read_meta(out / "teacher" / "best").arch == "convnext_tiny"
     assert checkpoint.read_meta(out / "alpha_0.5" / "run_0" / "best").arch == "mobilenet_v3_small"
     history = json.loads((out / "alpha_0.5" / "run_0" / "metrics.json").read_text())["history"]
     assert math.isfinite(history[0]["train"]["loss"]) and math.isfinite(history[0]["val"]["loss"])
+    assert 0 <= history[0]["val"]["teacher_acc"] <= 1
 
 
 def test_paper_streams_a_tree_with_a_test_split_and_reports_its_test_accuracy(chained, capsys, tmp_path):
