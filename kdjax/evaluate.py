@@ -33,7 +33,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import checkpoint, data, distributed, models, protocol, sharding, train
+from kdjax import checkpoint, data, distributed, models, protocol, report, sharding, train
 from kdjax.data.folder import DataError, scan_image_folder
 
 SPLITS = ("train", "val", "test")
@@ -248,17 +248,10 @@ def markdown(record: dict) -> str:
 def plot_confusion(record: dict, path: pathlib.Path) -> pathlib.Path:
     """``confusion.png``: the confusion matrix as an image with the counts in the cells (up to
     ``ANNOTATE_MAX_CLASSES`` classes), written through a temporary file and a rename."""
-    try:
-        # Figure + the Agg canvas directly, as kdjax.report: no pyplot state, no GUI backend
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("kdjax.evaluate writes confusion.png with matplotlib: pip install 'kdjax[plots]'") from e
     confusion = np.asarray(record["confusion"])
     names = record["class_names"]
     side = min(3.0 + 0.45 * len(names), 30.0)
-    fig = Figure(figsize=(side + 1.0, side))
-    FigureCanvasAgg(fig)
+    fig = report.agg_figure((side + 1.0, side))
     ax = fig.subplots()
     shown = ax.imshow(confusion, cmap="Blues", vmin=0)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)

@@ -390,14 +390,17 @@ def curves(runs: Sequence[History], key: str,
     return per_run, epochs, mean
 
 
-def _matplotlib():
+def agg_figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` on the Agg canvas directly: no pyplot global state, no GUI backend
+    selection (kdjax's figures: these curves, ``kdjax.evaluate``'s confusion matrix)."""
     try:
-        # Figure + the Agg canvas directly: no pyplot global state, no GUI backend selection.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("kdjax.report.plot_curves needs matplotlib: pip install 'kdjax[plots]'") from e
-    return Figure, FigureCanvasAgg
+        raise ImportError("kdjax's figures need matplotlib (a kdjax dependency): pip install matplotlib") from e
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def curve_figure(alpha: float, runs: Sequence[History], stem: str):
@@ -410,14 +413,12 @@ def curve_figure(alpha: float, runs: Sequence[History], stem: str):
     bold black (``train mean``). The accuracy figure adds the teacher's val accuracy (grey,
     dashed) when recorded.
     """
-    Figure, FigureCanvasAgg = _matplotlib()
     [(key, ylabel, with_train)] = [(k, y, t) for s, k, y, t in PLOTS if s == stem]
     per_run, epochs, mean = curves(runs, key)
     if epochs.size == 0:
         return None
     train = curves(runs, key, "train") if with_train else None
-    fig = Figure(figsize=(11, 4))
-    FigureCanvasAgg(fig)
+    fig = agg_figure((11, 4))
     first_zoom = epochs[max(0, epochs.size - ZOOM_EPOCHS)]
     what = f"val {ylabel} and train {ylabel} (dashed)" if with_train else ylabel
     for ax, lo, title in zip(
@@ -456,7 +457,7 @@ def plot_curves(out_dir: str | os.PathLike, runs_by_alpha: RunsByAlpha) -> list[
     """PNG figures like the seed's: ``alpha<a>_<val_loss|val_acc|diff_t_s>.png`` in ``out_dir``
     (``curve_figure``; ``val_loss`` also draws the train loss). Figures whose key no record holds
     are skipped."""
-    _matplotlib()
+    agg_figure((1, 1))  # no matplotlib: stop before any directory is made
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
