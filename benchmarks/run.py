@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from benchmarks import torch_reference as tr
-from kdjax import checkpoint, config as kconfig, data, models, protocol, sharding, train, xla_cpu
+from kdjax import checkpoint, config as kconfig, data, engine, models, protocol, sharding, xla_cpu
 from kdjax.data import augment
+from kdjax.engine import loop, step as engine_step, teachers, trainer as engine_trainer
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 DEFAULT_THREADS = 2
@@ -85,9 +86,9 @@ class Protocol:
 # --------------------------------------------------------------------------- kdjax side
 
 
-def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
+def _step_spec(case: Case, steps_per_epoch: int) -> engine.StepSpec:
     dtype = DTYPES[case.dtype]
-    return train.StepSpec(
+    return engine.StepSpec(
         student_arch=case.student,
         student=models.create_model(case.student, NUM_CLASSES, dtype),
         teacher=models.create_model(protocol.TEACHER_ARCH, NUM_CLASSES, dtype),
@@ -95,19 +96,19 @@ def _step_spec(case: Case, steps_per_epoch: int) -> train.StepSpec:
         steps_per_epoch=steps_per_epoch,
         student_train=case.mode,
         image_size=case.image_size,
-        teacher_view=train.network_view(protocol.TEACHER_ARCH, case.image_size),
+        teacher_view=engine.network_view(protocol.TEACHER_ARCH, case.image_size),
     )
 
 
-def _fresh_state(spec: train.StepSpec, case: Case):
+def _fresh_state(spec: engine.StepSpec, case: Case):
     variables = models.init_variables(spec.student, jax.random.key(0), case.image_size)
     teacher_vars = models.init_variables(spec.teacher, jax.random.key(1), case.image_size)
-    state = train.create_train_state(variables, spec)
+    state = engine_step.create_train_state(variables, spec)
     return state, teacher_vars
 
 
 def _hparams():
-    return train.hparams_for(kconfig.TrainConfig())
+    return engine.hparams_for(kconfig.TrainConfig())
 
 
 def kdjax_step_timer(case: Case) -> tuple[Timer, dict[str, float]]:
@@ -122,7 +123,7 @@ def kdjax_step_timer(case: Case) -> tuple[Timer, dict[str, float]]:
         jnp.ones((case.batch,), bool),
     )
     hparams = _hparams()
-    jitted = jax.jit(train.train_step, static_argnames="spec", donate_argnums=0)
+    jitted = jax.jit(engine.train_step, static_argnames="spec", donate_argnums=0)
     t0 = time.perf_counter()
     lowered = jitted.lower(state, teacher_vars, batch, hparams, spec=spec)
     t1 = time.perf_counter()
@@ -141,33 +142,27 @@ def kdjax_step_timer(case: Case) -> tuple[Timer, dict[str, float]]:
 
 def kdjax_epoch_timer(case: Case, data_dir: pathlib.Path, cache_dir=None) -> tuple[Timer, int]:
     """A timer of one kdjax epoch on device-resident data (augmentation on the device; a scanned
-    epoch on accelerators, a host loop of jitted steps on CPU, as ``train.train_runs`` runs one
-    run) plus the student's val logits; the teacher's val logits are computed once per call of
-    the engine, so outside the epoch. Returns it and the number of train images."""
+    epoch on accelerators, a host loop of jitted steps on CPU, as ``kdjax.engine.train_runs``
+    runs one run) plus the validation pass; the teacher's val logits are computed once per call
+    of the engine, so outside the epoch. Returns it and the number of train images."""
     dataset = data.load_splits(data_dir, image_size=case.image_size, cache_dir=cache_dir)
-    # the layout the engine uses: data and state replicated, batches split over 'data'
-    mesh = sharding.data_mesh()
-    repl = sharding.replicated(mesh)
-    train_split = jax.device_put(dataset["train"].train, repl)
-    val_images = jax.device_put(dataset["val"].eval.images, repl)
     num_train = dataset["train"].num_examples
     spec = _step_spec(case, kconfig.steps_per_epoch(num_train, case.batch))
-    state, teacher_vars = _fresh_state(spec, case)
-    states = jax.device_put(jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], state), repl)
-    teacher_vars = jax.device_put(teacher_vars, repl)
-    hparams = jax.device_put(jax.tree_util.tree_map(lambda a: a[None], _hparams()), repl)
-    layout = jax.device_put(train.Layout.single(0), repl)
+    teacher_vars = models.init_variables(spec.teacher, jax.random.key(1), case.image_size)
+    teacher = teachers.Teacher(protocol.TEACHER_ARCH, spec.teacher, teacher_vars, "benchmark")
+    # the engine's own trainer: data and state replicated, batches split over 'data'
+    trainer = engine_trainer.Trainer(spec, dataset, teacher, sharding.data_mesh(), case.batch,
+                                     scan=loop.default_scan_epochs())
+    config = kconfig.TrainConfig(batch_size=case.batch, image_size=case.image_size)
+    variables = models.init_variables(spec.student, jax.random.key(0), case.image_size)
+    group, states = trainer.group([config], [trainer.initial_state(variables, 0)], True)
+    jax.block_until_ready(trainer.placed["t_val"])
     holder, epoch = [states], [0]
 
     def run() -> float:
         start = time.perf_counter()
-        order, mask = data.epoch_order(num_train, case.batch, 0, epoch[0])
-        holder[0], metrics = train.run_group_epoch(
-            holder[0], teacher_vars, train_split, order[:, None], mask[:, None], epoch[0], hparams,
-            layout, spec, mesh, "single", scan=train.default_scan_epochs(),
-        )
-        jax.block_until_ready(train.group_val_outputs(spec, holder[0], val_images, layout, case.batch,
-                                                      mesh, "single"))
+        holder[0], _ = trainer.train_epoch(group, holder[0], epoch[0])
+        trainer.validate(group, holder[0], epoch[0])
         epoch[0] += 1
         return time.perf_counter() - start
 
@@ -192,21 +187,23 @@ def random_teacher_variables(dataset: data.Dataset, image_size: int, seed: int =
     return jax.device_get({"params": variables["params"], "batch_stats": stats})
 
 
-def given_teacher(dataset: data.Dataset, image_size: int, workdir: pathlib.Path) -> train.Teacher:
+def given_teacher(dataset: data.Dataset, image_size: int, workdir: pathlib.Path) -> engine.Teacher:
     """The random teacher handed over as a study gets its teacher: saved as a model directory
-    and read back by ``protocol.load_teacher``, so that it enters ``run_paper`` exactly as a
+    and read back by ``kdjax.engine.load_teacher``, so that it enters ``run_paper`` exactly as a
     real teacher does (which then computes in the run's dtype)."""
     checkpoint.save_model(
         workdir / "teacher", random_teacher_variables(dataset, image_size),
         arch=protocol.TEACHER_ARCH, class_names=dataset.class_names, image_size=image_size,
         provenance={"role": "teacher", "benchmark": RANDOM_TEACHER},
     )
-    return protocol.load_teacher(workdir / "teacher", dataset)
+    return engine.load_teacher(workdir / "teacher", dataset)
 
 
 def supports_vectorize() -> bool:
-    """Whether this kdjax's ``protocol.run_paper`` can train a study's runs together (vmap)."""
-    return "vectorize" in inspect.signature(protocol.run_paper).parameters
+    """Whether this kdjax's ``protocol.run_paper`` can train a study's runs together (vmap):
+    a ``vectorize`` keyword (before the engine package) or ``options`` (``EngineOptions``)."""
+    parameters = inspect.signature(protocol.run_paper).parameters
+    return "vectorize" in parameters or "options" in parameters
 
 
 def vectorize_choices(requested: str, supported: bool) -> list[bool | None]:
@@ -244,7 +241,7 @@ def kdjax_protocol(case: Case, proto: Protocol, data_dir: pathlib.Path, vectoriz
             compute_dtype=case.dtype,
         ),
     )
-    extra = {} if vectorize is None else {"vectorize": vectorize}
+    extra = {} if vectorize is None else {"options": loop.EngineOptions(vectorize=vectorize)}
     protocol.run_paper(config, dataset, teacher, workdir / "study", plots=False, tensorboard=False, **extra)
     t3 = time.perf_counter()
     return {
@@ -360,7 +357,7 @@ def measure_epoch(case: Case, data_dir: pathlib.Path, rounds: int = 3, warmup: i
     kd_epoch, num_train = kdjax_epoch_timer(case, data_dir, cache_dir)
     timers = {"kdjax": kd_epoch, **{v: torch_epoch_timer(case, v, data_dir) for v in variants}}
     results = interleave(timers, rounds, warmup)
-    kd_variant = "scan" if train.default_scan_epochs() else "host_loop"
+    kd_variant = "scan" if loop.default_scan_epochs() else "host_loop"
     records = [record("epoch", "kdjax", kd_variant, case, num_train, results["kdjax"])]
     records += [record("epoch", "torch", v, case, num_train, results[v]) for v in variants]
     return records

@@ -8,7 +8,7 @@ Three measurements, each size in fresh processes so that peaks are their own:
     byte read again), each ``load_splits`` call timed in its own process;
 (b) ``memory``: in streaming mode, the teacher's val outputs, ``--steps`` KD steps (ResNet-18
     student, random ResNet-50 teacher, ``--image_size``, batch 32) through the engine's streaming
-    epoch (``train.run_group_epoch`` over the first steps of an epoch order) and the student's val
+    epoch (``Trainer.run_steps`` over the first steps of an epoch order) and the student's val
     outputs: peak host RSS (``ru_maxrss``) and peak bytes of live device arrays (sampled after
     every step; on a GPU also the allocator's ``peak_bytes_in_use``);
 (c) ``throughput``: on hymenoptera at ``--image_size``, whole epochs (train + val) held on the
@@ -87,29 +87,28 @@ def child_load(root: str, cache: str, image_size: int, verify: bool) -> dict:
 
 
 def _engine(dataset, image_size: int, batch: int):
-    """What ``train.train_runs`` builds for one KD run (fc, alpha 0.5): spec, states, teacher."""
+    """What ``kdjax.engine.train_runs`` builds for one KD run (fc, alpha 0.5): its trainer, the
+    run's group and stacked state."""
     import jax
-    import jax.numpy as jnp
 
-    from kdjax import config as kconfig, models, protocol, sharding, train
+    from kdjax import config as kconfig, engine, models, protocol, sharding
+    from kdjax.engine import trainer as engine_trainer
 
     spe = kconfig.steps_per_epoch(dataset["train"].num_examples, batch)
-    spec = train.StepSpec(
+    spec = engine.StepSpec(
         student_arch=protocol.STUDENT_ARCH,
         student=models.create_model(protocol.STUDENT_ARCH, 2),
         teacher=models.create_model(protocol.TEACHER_ARCH, 2),
         optim=kconfig.OptimConfig(), steps_per_epoch=spe, student_train="fc", image_size=image_size,
-        teacher_view=train.network_view(protocol.TEACHER_ARCH, image_size),
+        teacher_view=engine.network_view(protocol.TEACHER_ARCH, image_size),
     )
-    mesh = sharding.data_mesh()
-    repl = sharding.replicated(mesh)
+    teacher = engine.Teacher(protocol.TEACHER_ARCH, spec.teacher,
+                             models.init_variables(spec.teacher, jax.random.key(1), image_size), "benchmark")
+    trainer = engine_trainer.Trainer(spec, dataset, teacher, sharding.data_mesh(), batch, scan=False)
     variables = models.init_variables(spec.student, jax.random.key(0), image_size)
-    teacher_vars = jax.device_put(models.init_variables(spec.teacher, jax.random.key(1), image_size), repl)
-    states = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a)[None], train.create_train_state(variables, spec)),
-                            repl)
-    hparams = jax.device_put(jax.tree.map(lambda a: a[None], train.hparams_for(kconfig.TrainConfig())), repl)
-    layout = jax.device_put(train.Layout.single(0), repl)
-    return spec, mesh, states, teacher_vars, hparams, layout
+    config = kconfig.TrainConfig(batch_size=batch, image_size=image_size)
+    group, states = trainer.group([config], [trainer.initial_state(variables, 0)], True)
+    return trainer, group, states
 
 
 def _live_device_bytes() -> int:
@@ -121,55 +120,47 @@ def _live_device_bytes() -> int:
 def child_memory(root: str, cache: str, image_size: int, steps: int, batch: int = 32) -> dict:
     import jax
 
-    from kdjax import data, train
+    from kdjax import data
 
     dataset = data.load_splits(root, image_size=image_size, cache_dir=cache, in_memory="off")
-    spec, mesh, states, teacher_vars, hparams, layout = _engine(dataset, image_size, batch)
+    trainer, group, states = _engine(dataset, image_size, batch)
     t0 = time.perf_counter()
-    t_val = jax.block_until_ready(train.teacher_eval_outputs(spec, teacher_vars, dataset["val"], batch, mesh))
+    t_val = jax.block_until_ready(trainer.placed["t_val"])
     peak_live = _live_device_bytes()
-    order, mask = data.epoch_order(dataset["train"].num_examples, batch, 0, 0)
+    order, mask = trainer.epoch_order(group, 0)
     chunk = 5
     for start in range(0, steps, chunk):  # the engine's streaming epoch, over a few steps at a time
-        states, _ = train.run_group_epoch(states, teacher_vars, dataset["train"], order[start:start + chunk, None],
-                                          mask[start:start + chunk, None], 0, hparams, layout, spec, mesh,
-                                          "single", scan=False)
+        states, _ = trainer.run_steps(group, states, 0, (order[start:start + chunk], mask[start:start + chunk], None))
         jax.block_until_ready(states)
         peak_live = max(peak_live, _live_device_bytes())
-    s_val = jax.block_until_ready(train.group_val_outputs(spec, states, dataset["val"], layout, batch, mesh,
-                                                          "single"))
+    val = trainer.validate(group, states, 0)
     peak_live = max(peak_live, _live_device_bytes())
     stats = jax.local_devices()[0].memory_stats() or {}
     return {"num_train": dataset["train"].num_examples, "num_val": dataset["val"].num_examples,
             "steps": steps, "seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
             "peak_live_device_mb": peak_live / 2**20,
             "device_peak_bytes_in_use_mb": stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
-            "val_outputs": [int(t_val.logits.shape[0]), int(s_val.logits.shape[1])]}
+            "val_outputs": [int(t_val.logits.shape[0]), int(np.size(val["acc"]))]}
 
 
 def child_throughput(root: str, cache: str, image_size: int, rounds: int, batch: int = 32) -> dict:
     import jax
 
-    from kdjax import data, distributed, sharding, train
+    from kdjax import data
 
     paths = {}
     for name, in_memory in (("in_memory", "on"), ("streamed", "off")):
         dataset = data.load_splits(root, image_size=image_size, cache_dir=cache, in_memory=in_memory)
-        spec, mesh, states, teacher_vars, hparams, layout = _engine(dataset, image_size, batch)
-        repl = sharding.replicated(mesh)
-        held = dataset.in_memory
-        train_split = distributed.put_replicated(dataset["train"].train, repl) if held else dataset["train"]
-        val = distributed.put_replicated(dataset["val"].eval.images, repl) if held else dataset["val"]
-        paths[name] = [dataset, spec, mesh, states, teacher_vars, hparams, layout, train_split, val]
+        trainer, group, states = _engine(dataset, image_size, batch)
+        jax.block_until_ready(trainer.placed["t_val"])
+        paths[name] = [dataset, trainer, group, states]
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(rounds + 1):  # round 0 compiles
         for name, p in paths.items():
-            dataset, spec, mesh, states, teacher_vars, hparams, layout, train_split, val = p
+            dataset, trainer, group, states = p
             t0 = time.perf_counter()
-            order, mask = data.epoch_order(dataset["train"].num_examples, batch, 0, r)
-            states, _ = train.run_group_epoch(states, teacher_vars, train_split, order[:, None], mask[:, None], r,
-                                              hparams, layout, spec, mesh, "single", scan=False)
-            jax.block_until_ready(train.group_val_outputs(spec, states, val, layout, batch, mesh, "single"))
+            states, _ = trainer.train_epoch(group, states, r)
+            trainer.validate(group, states, r)
             p[3] = states
             if r:
                 seconds[name].append(time.perf_counter() - t0)

@@ -3,13 +3,18 @@
 Defaults are the seed's experiment (../shared/SEED.md): batch 32, SGD lr 0.001 momentum 0.9,
 StepLR every 7 epochs by 0.1, 25 epochs, alpha 0.5, logit-MSE distillation, only the new head
 trained while BatchNorm keeps updating its statistics.
+
+A run records its config (``to_json``) without the fields that hold their default, and reads a
+record back with ``from_json``, which fills in the defaults. So a field added later (an
+optimiser, a schedule, an augmentation) leaves the records of earlier runs equal to the configs
+they were trained with, and those runs resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from kdjax import losses
 
@@ -22,13 +27,39 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _sparse(obj, full: bool = False, **values) -> dict:
+    """``obj``'s fields (``values`` where given: their JSON form) without those at their default
+    (with ``full``, every field)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        if full or value != default:
+            out[f.name] = values.get(f.name, value)
+    return out
+
+
+def _known(cls, record: Mapping[str, Any], where: str) -> dict:
+    """``record`` (a recorded config) checked for fields ``cls`` does not have."""
+    unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
+    _require(not unknown, f"{where}: unknown field(s) {unknown}; it was written by a newer kdjax")
+    return dict(record)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """The optimiser and its learning-rate schedule: entries of ``kdjax.optim.OPTIMIZERS`` and
+    ``kdjax.optim.SCHEDULES`` (``kdjax.optim.build`` turns this into optax)."""
+
     lr: float = 0.001
     momentum: float = 0.9
     step_size: int = 7  # epochs between learning-rate decays (torch StepLR)
     gamma: float = 0.1
     weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    schedule: str = "step"
 
     def __post_init__(self):
         _require(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
@@ -36,6 +67,19 @@ class OptimConfig:
         _require(self.step_size >= 1, f"--s_lr_step_size must be >= 1, got {self.step_size}")
         _require(self.gamma >= 0, f"--s_rl_gamma must be >= 0, got {self.gamma}")
         _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        from kdjax import optim  # the registries (optim imports nothing of kdjax)
+
+        _require(self.optimizer in optim.OPTIMIZERS,
+                 f"--optimizer {self.optimizer!r}: choose one of {', '.join(optim.OPTIMIZERS)}")
+        _require(self.schedule in optim.SCHEDULES,
+                 f"--schedule {self.schedule!r}: choose one of {', '.join(optim.SCHEDULES)}")
+
+    def to_json(self, full: bool = False) -> dict:
+        return _sparse(self, full)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "OptimConfig":
+        return cls(**_known(cls, d, "recorded optim config"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +149,24 @@ class DistillConfig:
         return hash((self.alpha, self.loss, tuple(self.hparams.items()), self.student_train,
                      tuple(self.pairs.items()), self.teacher_combine))
 
-    def to_json(self) -> dict:
-        hparams = dict(self.hparams)
-        if hparams.get("label_smoothing") == 0.0:  # the default: records of earlier runs stay equal
-            del hparams["label_smoothing"]
-        d = {"alpha": self.alpha, "loss": self.loss, "hparams": hparams, "student_train": self.student_train}
-        if self.pairs:  # absent by default: earlier runs' records stay equal
-            d["pairs"] = {k: [list(p) for p in v] for k, v in self.pairs.items()}
-        if self.teacher_combine != "mean":
-            d["teacher_combine"] = self.teacher_combine
+    def to_json(self, full: bool = False) -> dict:
+        """The fields that differ from their defaults; a hyper-parameter at its term's default
+        is left out too (with ``full``, everything)."""
+        declared = {k: h.default for name in self.weights for k, h in losses.get(name).hparams.items()}
+        hparams = {k: v for k, v in self.hparams.items() if full or v != declared.get(k)}
+        pairs = {k: [list(p) for p in v] for k, v in self.pairs.items()}
+        d = _sparse(self, full, pairs=pairs)
+        d.pop("hparams", None)
+        if hparams or full:
+            d["hparams"] = hparams
         return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "DistillConfig":
+        d = _known(cls, d, "recorded distill config")
+        if "pairs" in d:
+            d["pairs"] = {k: tuple(tuple(p) for p in v) for k, v in d["pairs"].items()}
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +194,42 @@ class TrainConfig:
     def student_train(self) -> str:
         return self.distill.student_train if self.distill is not None else "all"
 
-    def to_json(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["optim"] = dataclasses.asdict(self.optim)
-        d["distill"] = None if self.distill is None else self.distill.to_json()
-        return d
+    def to_json(self, full: bool = False) -> dict:
+        """What a run records: the fields that differ from their defaults (``distill`` None, a
+        supervised run, is recorded as such); with ``full`` every field, as a summary shows it."""
+        return _sparse(self, full, optim=self.optim.to_json(full),
+                       distill=None if self.distill is None else self.distill.to_json(full))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a record ``to_json`` wrote, by this kdjax or an earlier one (whose
+        records hold every field): a missing field takes its default."""
+        d = _known(cls, d, "recorded config")
+        if "optim" in d:
+            d["optim"] = OptimConfig.from_json(d["optim"])
+        if "distill" in d and d["distill"] is not None:
+            d["distill"] = DistillConfig.from_json(d["distill"])
+        return cls(**d)
+
+
+def config_differences(recorded: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """The fields in which the recorded config ``recorded`` differs from ``config``, as
+    ``"optim.lr: 0.05 != 0.01"`` (recorded first); empty when they are the same run's."""
+    try:
+        before = TrainConfig.from_json(recorded)
+    except (TypeError, ValueError) as err:
+        return [f"unreadable ({' '.join(str(err).split())})"]
+    out: list[str] = []
+
+    def walk(prefix: str, a, b) -> None:
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            for f in dataclasses.fields(a):
+                walk(f"{prefix}{f.name}.", getattr(a, f.name), getattr(b, f.name))
+        elif a != b:
+            out.append(f"{prefix[:-1]}: {a!r} != {b!r}")
+
+    walk("", before, config)
+    return out
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

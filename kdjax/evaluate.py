@@ -1,7 +1,5 @@
-"""Evaluate a saved model on one split of an ImageFolder tree.
-
-    python -m kdjax.evaluate --checkpoint DIR --data_dir D [--split val] [--out DIR]
-        [--teacher_file F [--teacher_arch A]] [--cache_dir C] [--batch_size 32]
+"""Evaluate a saved model on one split of an ImageFolder tree (the command, ``kdjax evaluate`` or
+``python -m kdjax.evaluate``, is ``kdjax.cli.evaluate``).
 
 Writes ``evaluation.json``, ``evaluation.md`` and ``confusion.png`` into ``--out`` (default:
 ``eval_<split>`` beside the model directory): accuracy, per-class precision and recall, the
@@ -11,18 +9,17 @@ teacher's accuracy and its top-1 agreement with the model.
 The figures are the training run's own: the split is read through kdjax's decode cache at the
 checkpoint's image size (torchvision's Resize + CenterCrop of each original file, as training's
 validation reads it), the model runs through the engine's evaluation forward
-(``kdjax.train.all_outputs``: fixed-shape batches, the last one padded, every example counted
+(``kdjax.engine.evaluation.all_outputs``: fixed-shape batches, the last one padded, every example counted
 once) in the compute dtype its run validated in. So a run's ``best/`` evaluated on ``val`` scores
 exactly that run's ``best_val_acc``. Only the requested split is loaded, so a tree holding just
 ``val/`` (or ``test/``) is enough; its decode cache is then its own, decoded once.
 
-A bad input (model directory, data folder, split, classes, teacher) stops with one line
-``PROG: error: ...`` on stderr and exit code 2.
+A bad input (model directory, data folder, split, classes, teacher) raises a ``ValueError``
+naming it (``ModelDirError``, ``DataError``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,8 +30,9 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import checkpoint, data, distributed, models, protocol, report, sharding, train
+from kdjax import checkpoint, data, distributed, report, sharding
 from kdjax.data.folder import DataError, scan_image_folder
+from kdjax.engine import evaluation, step, teachers
 
 SPLITS = ("train", "val", "test")
 JSON_FILE = "evaluation.json"
@@ -49,7 +47,7 @@ class EvalConfig:
     """What one evaluation reads: the model, the data split and, optionally, a teacher.
 
     ``checkpoint``: a model directory or a training run's directory (its ``best/``);
-    ``teacher_file``: anything ``kdjax.protocol.load_teacher`` accepts. ``dtype`` None computes in
+    ``teacher_file``: anything ``kdjax.engine.teachers.load_teacher`` accepts. ``dtype`` None computes in
     the dtype the model's training run validated in (its ``best/meta.json`` provenance), float32
     for a model without one. ``cache_dir`` is the decode cache's (``--cache_dir`` of training).
     """
@@ -75,9 +73,9 @@ class EvalConfig:
 
 def model_dir(path: str | os.PathLike) -> pathlib.Path:
     """The model directory ``--checkpoint`` names: a training run's directory stands for its
-    ``best/`` (``kdjax.protocol.teacher_source``'s rule)."""
+    ``best/`` (``kdjax.engine.teachers.teacher_source``'s rule)."""
     try:
-        source = protocol.teacher_source(path)
+        source = teachers.teacher_source(path)
     except ValueError as err:  # its messages name the teacher's flag
         raise checkpoint.ModelDirError(str(err).replace("--teacher_file", "--checkpoint", 1)) from None
     if source.is_file():
@@ -138,8 +136,8 @@ def _load_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
 
 def _top1(model, variables, view, images, batch_size: int, mesh) -> np.ndarray:
     """Top-1 classes of every example through the engine's evaluation forward, the network seeing
-    the batch as ``view`` says (``kdjax.train.network_view``)."""
-    logits = train.all_outputs(model, variables, images, batch_size, mesh=mesh, view=view).logits
+    the batch as ``view`` says (``kdjax.engine.step.network_view``)."""
+    logits = evaluation.all_outputs(model, variables, images, batch_size, mesh=mesh, view=view).logits
     return np.argmax(distributed.to_host(logits), axis=-1)
 
 
@@ -160,11 +158,11 @@ def evaluate(config: EvalConfig, mesh=None) -> dict:
     labels = np.asarray(split.labels)
     num_classes = len(meta.class_names)
     # the teacher first: a teacher of other classes fails before anything runs
-    teacher = None if config.teacher_file is None else protocol.load_teacher(config.teacher_file, dataset,
+    teacher = None if config.teacher_file is None else teachers.load_teacher(config.teacher_file, dataset,
                                                                              config.teacher_arch)
 
     model, variables, _ = checkpoint.load_model(source, dtype=jnp_dtype, sharding=repl)
-    predicted = _top1(model, variables, train.network_view(meta.arch, meta.image_size), images, config.batch_size,
+    predicted = _top1(model, variables, step.network_view(meta.arch, meta.image_size), images, config.batch_size,
                       mesh)
     confusion = confusion_matrix(labels, predicted, num_classes)
     correct = int(np.trace(confusion))
@@ -187,8 +185,8 @@ def evaluate(config: EvalConfig, mesh=None) -> dict:
     }
     if teacher is not None:
         t_vars = distributed.put_replicated(teacher.variables, repl)
-        # in the run's dtype and seeing the batch as in training (kdjax.train.step_spec_for)
-        t_view = train.network_view(teacher.arch, meta.image_size)
+        # in the run's dtype and seeing the batch as in training (kdjax.engine.step.step_spec_for)
+        t_view = step.network_view(teacher.arch, meta.image_size)
         t_predicted = _top1(teacher.model.clone(dtype=jnp_dtype), t_vars, t_view, images, config.batch_size, mesh)
         t_correct = int(np.sum(t_predicted == labels))
         agreements = int(np.sum(t_predicted == predicted))
@@ -300,48 +298,7 @@ def summary(record: dict) -> str:
     return line
 
 
-# --------------------------------------------------------------------------- the command line
+if __name__ == "__main__":  # ``python -m kdjax.evaluate``: the command lives in kdjax.cli.evaluate
+    from kdjax.cli import evaluate as _command
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m kdjax.evaluate") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a kdjax model directory, or a training run's directory (its best/)")
-    parser.add_argument("--data_dir", required=True, metavar="DIR",
-                        help="an ImageFolder root holding the split's folder")
-    parser.add_argument("--split", choices=SPLITS, default="val")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output folder (default: eval_<split> beside the model directory)")
-    parser.add_argument("--teacher_file", default=None, metavar="PATH",
-                        help="a teacher to compare with: model directory, run directory or PyTorch file")
-    parser.add_argument("--teacher_arch", choices=sorted(models.ARCHS), default=None, metavar="ARCH",
-                        help="the architecture of a PyTorch --teacher_file (a model directory names its own): "
-                             + ", ".join(sorted(models.ARCHS)))
-    parser.add_argument("--cache_dir", default=None, metavar="DIR",
-                        help="decode cache (default $KDJAX_CACHE/datasets or ~/.cache/kdjax/datasets)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: the one the model's training run validated in)")
-    parser.add_argument("--skip_bad_images", action="store_true",
-                        help="leave unreadable images out (listed in a warning) instead of stopping")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines (a first decode)")
-    args = parser.parse_args(argv)
-    from kdjax.cli import flags
-
-    flags.setup_logging("quiet" if args.quiet else "normal")
-    flags.tune_xla_cpu("on")  # before JAX starts its backend, as every entry point
-    try:
-        config = EvalConfig(args.checkpoint, args.data_dir, args.split, args.cache_dir, args.batch_size,
-                            args.teacher_file, args.teacher_arch, args.dtype, args.skip_bad_images)
-        record = evaluate(config)
-        paths = write_report(record, args.out)
-    except (ValueError, OSError, ImportError) as err:  # ModelDirError and DataError are ValueErrors
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(summary(record))
-    print(f"wrote {', '.join(str(p) for p in paths)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command.main())

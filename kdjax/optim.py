@@ -1,15 +1,27 @@
-"""torch.optim.SGD and torch's StepLR, in optax.
+"""The optimiser seam: a registry of optimisers and a registry of learning-rate schedules, and the
+one function that builds a run's optax transformation and its schedule from the config.
 
-The reference steps ``StepLR`` once per epoch; optax schedules see optimiser steps. ``step_lr``
-is the same epoch staircase written in steps, so one place (the config) converts epochs to steps
-and the schedule needs nothing else.
+Every consumer of the learning rate asks ``build``: the step (``Optimizer.tx``), the epoch
+record and TensorBoard (``Optimizer.epoch_lr``). Adding an optimiser or a schedule is one entry
+here (its builder and help text) and a test; the config names it and the command line offers it
+from these dicts.
+
+The members so far are the seed's: torch.optim.SGD and torch's StepLR stepped once per epoch.
+optax schedules see optimiser steps, so a schedule is built with ``steps_per_epoch`` and
+converts epochs to steps itself; nothing else does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:  # the config imports nothing from here; only its type is named
+    from kdjax.config import OptimConfig
 
 
 def step_lr(
@@ -75,3 +87,64 @@ def sgd(
         raise ValueError("nesterov momentum requires momentum > 0 (as torch.optim.SGD)")
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------- the registries
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimiser: ``build(config, schedule)`` -> the optax transformation that scales its
+    update by ``schedule(step)``."""
+
+    build: Callable[["OptimConfig", optax.Schedule], optax.GradientTransformation]
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """A learning-rate schedule: ``build(config, steps_per_epoch)`` -> lr as a function of the
+    optimiser step."""
+
+    build: Callable[["OptimConfig", int], optax.Schedule]
+    help: str
+
+
+OPTIMIZERS: Mapping[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(
+        build=lambda o, schedule: sgd(schedule, o.momentum, o.weight_decay),
+        help="torch.optim.SGD: --momentum, --weight_decay coupled (L2 on the gradient)"),
+}
+
+SCHEDULES: Mapping[str, ScheduleSpec] = {
+    "step": ScheduleSpec(
+        build=lambda o, steps_per_epoch: step_lr(o.lr, o.step_size, o.gamma, steps_per_epoch),
+        help="torch's StepLR stepped per epoch: x --s_rl_gamma every --s_lr_step_size epochs"),
+}
+
+
+def _entry(registry: Mapping, name: str, flag: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"{flag} {name!r}: choose one of {', '.join(registry)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """A run's optimiser: the optax transformation, its schedule and the steps of an epoch."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    steps_per_epoch: int
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of the first step of ``epoch`` (0-based): what an epoch records."""
+        return float(self.schedule(epoch * self.steps_per_epoch))
+
+
+def build(config: "OptimConfig", steps_per_epoch: int) -> Optimizer:
+    """The optimiser and schedule ``config`` names (``OptimConfig.optimizer``/``.schedule``)."""
+    schedule = _entry(SCHEDULES, config.schedule, "--schedule").build(config, steps_per_epoch)
+    tx = _entry(OPTIMIZERS, config.optimizer, "--optimizer").build(config, schedule)
+    return Optimizer(tx, schedule, steps_per_epoch)

@@ -23,10 +23,11 @@ import pathlib
 
 import jax
 
-from kdjax import checkpoint, data, distributed, models, report, train, weights
+from kdjax import data, distributed, models, report, weights
 from kdjax.config import TrainConfig
+from kdjax.engine import EngineOptions, Run, RunResult, Teacher, loop, teachers
 
-TEACHER_ARCH = "resnet50"  # the seed's pair; any two registered architectures work
+TEACHER_ARCH = teachers.DEFAULT_ARCH  # the seed's pair; any two registered architectures work
 STUDENT_ARCH = "resnet18"
 
 
@@ -70,9 +71,9 @@ def alpha_dir(alpha: float) -> str:
 
 def fine_tune_teacher(
     dataset: data.Dataset, config: TrainConfig, init: str, workdir: str | pathlib.Path,
-    arch: str = TEACHER_ARCH, *, scan_epochs: bool | None = None,
+    arch: str = TEACHER_ARCH, *, options: EngineOptions = EngineOptions(),
     tensorboard_dir: str | pathlib.Path | None = None,
-) -> train.RunResult:
+) -> RunResult:
     """Supervised fine-tuning of the teacher ``arch`` (all layers); ``workdir/best`` is the
     teacher's model directory. Its TensorBoard events go to ``tensorboard_dir`` (by default
     ``workdir/tensorboard``) as each epoch ends."""
@@ -82,9 +83,9 @@ def fine_tune_teacher(
         image_size=config.image_size,
     )
     workdir = pathlib.Path(workdir)
-    run = train.Run(config, workdir, variables, {"role": "teacher", **provenance})
+    run = Run(config, workdir, variables, {"role": "teacher", **provenance})
     logdir = workdir / "tensorboard" if tensorboard_dir is None else pathlib.Path(tensorboard_dir)
-    return _train_with_events([run], [logdir], dataset, student_arch=arch, scan_epochs=scan_epochs)[0]
+    return _train_with_events([run], [logdir], dataset, student_arch=arch, options=options)[0]
 
 
 def _history(workdir: pathlib.Path) -> list[dict]:
@@ -93,9 +94,9 @@ def _history(workdir: pathlib.Path) -> list[dict]:
     return json.loads(path.read_text())["history"] if path.is_file() else []
 
 
-def _train_with_events(runs: list[train.Run], logdirs: list[pathlib.Path] | None, dataset: data.Dataset,
-                       **kwargs) -> list[train.RunResult]:
-    """``train.train_runs`` writing run k's TensorBoard events under ``logdirs[k]`` as each of its
+def _train_with_events(runs: list[Run], logdirs: list[pathlib.Path] | None, dataset: data.Dataset,
+                       **kwargs) -> list[RunResult]:
+    """``kdjax.engine.train_runs`` writing run k's TensorBoard events under ``logdirs[k]`` as each of its
     epochs ends (process 0 only; no events with ``logdirs`` None).
 
     A run's writer opens at its first new epoch: a resumed run's earlier records (its
@@ -105,7 +106,7 @@ def _train_with_events(runs: list[train.Run], logdirs: list[pathlib.Path] | None
     writers are closed however training ends, so an interrupted run keeps its events.
     """
     if logdirs is None or not distributed.is_primary():
-        return train.train_runs(runs, dataset, **kwargs)
+        return loop.train_runs(runs, dataset, **kwargs)
     histories: dict[int, list[dict]] = {}
 
     def on_epoch(k: int, record: dict) -> None:
@@ -115,72 +116,13 @@ def _train_with_events(runs: list[train.Run], logdirs: list[pathlib.Path] | None
         events.write(logdirs[k], histories[k])
 
     with report.EpochEvents() as events:
-        results = train.train_runs(runs, dataset, on_epoch=on_epoch, **kwargs)
+        results = loop.train_runs(runs, dataset, on_epoch=on_epoch, **kwargs)
         for logdir, result in zip(logdirs, results):
             events.write(logdir, result.history)
     return results
 
 
-def teacher_source(path: str | pathlib.Path) -> pathlib.Path:
-    """The model directory or PyTorch file ``--teacher_file`` names: a training run's directory
-    (``experiments.teacher --out DIR``) stands for its ``best/``."""
-    path = pathlib.Path(path)
-    if path.is_dir() and not (path / checkpoint.META_FILE).is_file():
-        best = path / "best"
-        if (best / checkpoint.META_FILE).is_file():
-            return best
-        if (path / "checkpoints").is_dir() or (path / "metrics.json").is_file():
-            raise ValueError(
-                f"--teacher_file {path}: a training run without a best model yet ({best} is missing); "
-                "let the run finish an epoch, or pass a model directory or PyTorch file")
-        raise ValueError(
-            f"--teacher_file {path}: neither a kdjax model directory (no {checkpoint.META_FILE}) "
-            f"nor a training run (no best/{checkpoint.META_FILE}); pass the directory that holds "
-            f"{checkpoint.META_FILE}, a run directory, or a PyTorch file")
-    return path
-
-
-def teacher_archs(archs, count: int) -> list[str | None]:
-    """``--teacher_arch`` for ``count`` teacher files: none given, one for all, or one each."""
-    if not archs:
-        return [None] * count
-    if len(archs) == 1:
-        return list(archs) * count
-    if len(archs) != count:
-        raise ValueError(f"--teacher_arch gives {len(archs)} architectures for {count} --teacher_file: give one "
-                         f"for all, or one per file")
-    return list(archs)
-
-
-def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | None = None) -> train.Teacher:
-    """A frozen teacher from a model directory (its meta.json names the architecture), a
-    training run's directory (its best/) or a PyTorch file of ``arch`` (state_dict or the seed's
-    whole pickled model); its classes must be the data's."""
-    source = teacher_source(path)
-    fingerprint = None
-    if source.is_dir():
-        meta = checkpoint.read_meta(source)
-        if arch is not None and arch != meta.arch:
-            raise ValueError(f"--teacher_file {path} holds a {meta.arch}, but --teacher_arch is {arch}")
-        arch, fingerprint = meta.arch, meta.fingerprint  # loading checks the weights against it
-    arch = arch or TEACHER_ARCH
-    variables, class_names, _ = weights.load_variables(source, arch)
-    outputs = models.num_outputs(arch, variables)
-    if outputs != len(dataset.class_names):
-        raise ValueError(
-            f"--teacher_file {path}: the teacher has {outputs} outputs but the data has "
-            f"{len(dataset.class_names)} classes {list(dataset.class_names)}"
-        )
-    if class_names is not None and tuple(class_names) != tuple(dataset.class_names):
-        raise ValueError(
-            f"--teacher_file {path}: the teacher's classes {list(class_names)} are not the "
-            f"data's {list(dataset.class_names)} (same order required)"
-        )
-    model = models.create_model(arch, outputs)
-    return train.Teacher(arch, model, variables, fingerprint or checkpoint.fingerprint(variables))
-
-
-def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> train.Run:
+def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, alpha: float, run: int) -> Run:
     """Run ``run`` of ``alpha``: its config, directory and initial student (drawn from its seed, so
     the alphas of one run start from the same student)."""
     run_config = config.run_config(alpha, run)
@@ -188,27 +130,25 @@ def _student_run(config: PaperConfig, dataset: data.Dataset, out: pathlib.Path, 
         config.init, config.student_arch, len(dataset.class_names), jax.random.key(run_config.seed),
         image_size=run_config.image_size,
     )
-    return train.Run(run_config, out / alpha_dir(alpha) / f"run_{run}", student,
+    return Run(run_config, out / alpha_dir(alpha) / f"run_{run}", student,
                      {"role": "student", "alpha": alpha, "run": run, **provenance})
 
 
 def run_paper(
     config: PaperConfig,
     dataset: data.Dataset,
-    teacher: train.Teacher,
+    teacher: Teacher,
     out: str | pathlib.Path,
     *,
     plots: bool = True,
     tensorboard: bool = True,
-    vectorize: bool = False,
-    scan_epochs: bool | None = None,
-    teacher_cache_dir: str | pathlib.Path | None = None,
+    options: EngineOptions = EngineOptions(vectorize=False),
 ) -> dict | None:
     """Every (alpha, run) of the study with its event files written as each epoch ends, then
     ``summary.{md,json}`` and plots.
 
-    ``vectorize`` trains the runs together (``kdjax.train``'s groups: same metrics, one teacher
-    pass per seed and step); otherwise one after another. Either way resumes the other's
+    ``options.vectorize`` trains the runs together (``kdjax.engine``'s groups: same metrics, one
+    teacher pass per seed and step); otherwise one after another. Either way resumes the other's
     directories. Returns the summary (as written to ``summary.json``); in a multi-process run
     process 0 alone writes summary, plots and event files, and the others return None.
     """
@@ -217,7 +157,7 @@ def run_paper(
     runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
     logdirs = [out / "tensorboard" / alpha_dir(alpha) / f"run_{run}" for alpha, run in jobs] if tensorboard else None
     results = _train_with_events(runs, logdirs, dataset, student_arch=config.student_arch, teacher=teacher,
-                                 vectorize=vectorize, scan_epochs=scan_epochs, teacher_cache_dir=teacher_cache_dir)
+                                 options=options)
     runs_by_alpha: dict[float, list[list[dict]]] = {}
     tests_by_alpha: dict[float, list[dict]] = {}
     for (alpha, run), result in zip(jobs, results):
@@ -231,7 +171,7 @@ def run_paper(
         "teacher_fingerprint": teacher.fingerprint,
         "student_arch": config.student_arch,
         "student_init": config.init,
-        "config": config.train.to_json(),
+        "config": config.train.to_json(full=True),
         "alphas": list(config.alphas),
         "n_exp": config.n_exp,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

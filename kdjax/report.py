@@ -2,7 +2,7 @@
 epochs end).
 
 Inputs are run histories grouped by alpha, ``{alpha: [history, ...]}`` with runs in order; a
-history is the list of per-epoch records that ``kdjax.train`` writes::
+history is the list of per-epoch records that ``kdjax.engine`` writes::
 
     {"epoch": 1, "lr": 0.001, "train": {"loss", "acc", "ce", <each term of the loss>},
      "val": {"loss", "acc", "ce", <each term>, "teacher_acc", "diff_t_s", "agreement", "kl_t_s"},
@@ -159,7 +159,7 @@ def seed_table(runs_by_alpha: RunsByAlpha) -> list[dict[str, Any]]:
 
 def run_numbers(history: History, num_val: int, test: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One run's figures: final and best val accuracy (with image counts), best epoch, extras,
-    and with ``test`` (``kdjax.train.score_selected``'s record) the selected model's test accuracy.
+    and with ``test`` (``kdjax.engine.store.score_selected``'s record) the selected model's test accuracy.
 
     The best epoch is the first epoch reaching the maximum (as the engine selects it).
     """

@@ -1,5 +1,5 @@
 """A small distillation run in its own process: alone, or one process of a multi-process run (CPU,
-gloo). For the kill-and-resume test (tests/test_train.py) and the multi-process runs
+gloo). For the kill-and-resume test (tests/test_engine_loop.py) and the multi-process runs
 (tests/test_distributed.py); conftest's ``child_command`` and ``child_env`` start it.
 
     python tests/child.py WORKDIR IMAGES CACHE [--student_train fc|all] [--devices N] [--epochs E]
@@ -56,7 +56,7 @@ def main() -> int:
 
     import jax
 
-    from kdjax import checkpoint, data, models, train
+    from kdjax import checkpoint, data, engine, models
     from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
     with distributed.primary_first("child.data"):
@@ -77,7 +77,7 @@ def main() -> int:
         dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": train_split})
     teacher_model = models.create_model("resnet18", 2)
     teacher_vars = jax.device_get(models.init_variables(teacher_model, jax.random.key(1), 32))
-    teacher = train.Teacher("resnet18", teacher_model, teacher_vars, checkpoint.fingerprint(teacher_vars))
+    teacher = engine.Teacher("resnet18", teacher_model, teacher_vars, checkpoint.fingerprint(teacher_vars))
     student_vars = jax.device_get(models.init_variables(models.create_model("resnet18", 2), jax.random.key(2), 32))
     config = TrainConfig(
         optim=OptimConfig(**OPTIM[args.student_train]),
@@ -93,7 +93,8 @@ def main() -> int:
             # Fire while the next epoch's program runs (an epoch here takes seconds).
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
-    train.train_and_evaluate(config, args.workdir, dataset, student_vars, teacher=teacher, on_epoch=on_epoch)
+    engine.train_and_evaluate(engine.Run(config, args.workdir, student_vars), dataset, teacher=teacher,
+                              on_epoch=on_epoch)
     if not dataset.in_memory:
         print(f"child: read {len(read)} training records", flush=True)
     return 0

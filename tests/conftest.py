@@ -103,9 +103,9 @@ def image_folder(tmp_path):
 def as_teacher(arch: str, model, variables):
     """``variables`` of ``model`` as the engine's teacher, with the fingerprint that a resumed run
     checks."""
-    from kdjax import checkpoint, train
+    from kdjax import checkpoint, engine
 
-    return train.Teacher(arch, model, variables, checkpoint.fingerprint(variables))
+    return engine.Teacher(arch, model, variables, checkpoint.fingerprint(variables))
 
 
 def calibrated_variables(model, key, images) -> dict:
@@ -193,13 +193,14 @@ class Interrupted(Exception):
 
 
 def watch_events(monkeypatch, logdir_of, seen: list, stop_at: int | None = None) -> None:
-    """Wrap ``kdjax.train.train_runs`` so that as each epoch of a run ends, after the caller's own
-    ``on_epoch``, ``seen`` gets ``(record, events_by_tag_and_step(logdir_of(run)))``: what the
-    run's event files show while it is still going. With ``stop_at``, training stops (raises
+    """Wrap ``kdjax.engine.train_runs`` (as the protocol calls it) so that as each epoch of a run
+    ends, after the caller's own ``on_epoch``, ``seen`` gets ``(record,
+    events_by_tag_and_step(logdir_of(run)))``: what the run's event files show while it is still
+    going. With ``stop_at``, training stops (raises
     ``Interrupted``) as the last run's epoch ``stop_at`` ends."""
-    from kdjax import train
+    from kdjax import engine
 
-    train_runs = train.train_runs
+    train_runs = engine.train_runs
 
     def watched(runs, *args, on_epoch, **kwargs):
         def callback(k, record):
@@ -210,7 +211,7 @@ def watch_events(monkeypatch, logdir_of, seen: list, stop_at: int | None = None)
 
         return train_runs(runs, *args, on_epoch=callback, **kwargs)
 
-    monkeypatch.setattr(train, "train_runs", watched)
+    monkeypatch.setattr(engine.loop, "train_runs", watched)
 
 
 def assert_shown_as_epochs_end(seen: list) -> None:

@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from conftest import calibrated_variables, make_image_folder, read_metrics, varied_size
-from kdjax import checkpoint, data, models, train
+from kdjax import checkpoint, data, engine, models
+from kdjax.cli.evaluate import main
 from kdjax.config import OptimConfig, TrainConfig
-from kdjax.evaluate import class_figures, main, markdown
+from kdjax.evaluate import class_figures, markdown
 from kdjax.predict import predict_files
 
 CLASSES = ("ants", "bees", "wasps")
@@ -42,8 +43,8 @@ def trained(tmp_path_factory):
     model = models.create_model("resnet18", len(CLASSES))
     variables = calibrated_variables(model, jax.random.key(3), dataset["train"].eval.images)
     config = TrainConfig(optim=OptimConfig(lr=1e-4), distill=None, num_epochs=1, batch_size=4, image_size=32)
-    train.train_and_evaluate(config, root / "run", dataset, variables, student_arch="resnet18",
-                             provenance={"init": "calibrated random"})
+    engine.train_and_evaluate(engine.Run(config, root / "run", variables, {"init": "calibrated random"}),
+                              dataset, student_arch="resnet18")
     return folder, cache, root / "run"
 
 

@@ -135,7 +135,7 @@ def test_paper_with_weighted_terms_two_teachers_and_a_teacher_cache(chained, cap
 def test_the_study_runs_with_any_pair(chained, capsys):
     # the pair: a ConvNeXt-T teacher (no BatchNorm; a model directory of its scratch
     # weights, so CI compiles no ConvNeXt training step) for a MobileNetV3-Small student with a
-    # frozen backbone, through its one-example last batch (its `all` step is test_train_step's)
+    # frozen backbone, through its one-example last batch (its `all` step is test_engine_step's)
     import jax
 
     from kdjax import models

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import conftest
-from kdjax import data, losses, models, train
+from kdjax import data, engine, losses, models
 from kdjax.cli import flags as cli
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
@@ -72,17 +72,17 @@ def test_flags_come_from_the_registry(capsys):
 
 def test_every_weight_and_hyper_parameter_is_traced():
     config = TrainConfig(distill=DistillConfig(loss="kd", hparams={"temperature": 3.0}))
-    hparams = train.hparams_for(config)
+    hparams = engine.hparams_for(config)
     assert set(hparams) == {"weight_ce", "weight_kd", "label_smoothing", "temperature"}
     assert all(isinstance(v, jax.Array) for v in hparams.values())
     # what differs between runs trained together: seed, weights and every hyper-parameter
     other = dataclasses.replace(config, seed=3, distill=dataclasses.replace(config.distill, alpha=0.1,
                                                                             hparams={"temperature": 9.0}))
-    assert train.recipe_key(config) == train.recipe_key(other)
+    assert engine.recipe_key(config) == engine.recipe_key(other)
     a = TrainConfig(distill=DistillConfig(loss="ce:1 dkd:1"))
     b = TrainConfig(distill=DistillConfig(loss="ce:0.5 dkd:2", hparams={"dkd_beta": 0.5}))
-    assert train.recipe_key(a) == train.recipe_key(b)
-    assert train.recipe_key(a) != train.recipe_key(TrainConfig(distill=DistillConfig(loss="ce:1 kd:1")))
+    assert engine.recipe_key(a) == engine.recipe_key(b)
+    assert engine.recipe_key(a) != engine.recipe_key(TrainConfig(distill=DistillConfig(loss="ce:1 kd:1")))
 
 
 def test_default_tap_pairs_exist_for_every_registered_pair():
@@ -106,16 +106,16 @@ def test_a_feature_loss_gets_its_taps_from_both_networks():
     student = models.create_model("resnet18", 2)
     teacher = models.create_model("resnet18", 2)
     pairs = (("at", (("layer3", "layer3"), ("layer4", "layer4"))),)
-    spec = train.StepSpec("resnet18", student, teacher, config.optim, 1, "all", config.distill.loss, 32, pairs=pairs)
+    spec = engine.StepSpec("resnet18", student, teacher, config.optim, 1, "all", config.distill.loss, 32, pairs=pairs)
     assert spec.student_taps == spec.teacher_taps == ("layer3", "layer4")
     s_vars = models.init_variables(student, jax.random.key(0), 32)
     t_vars = models.init_variables(teacher, jax.random.key(1), 32)
     rng = np.random.default_rng(0)
     batch = data.Batch(jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
                        jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.asarray([True, True, True, False]))
-    hparams = train.hparams_for(config)
-    _, metrics = jax.jit(train.train_step, static_argnames="spec")(
-        train.create_train_state(s_vars, spec), t_vars, batch, hparams, spec=spec)
+    hparams = engine.hparams_for(config)
+    _, metrics = jax.jit(engine.train_step, static_argnames="spec")(
+        engine.step.create_train_state(s_vars, spec), t_vars, batch, hparams, spec=spec)
 
     # the same loss by hand, from the networks' own taps
     mask = np.asarray(batch.mask, np.float32)
@@ -134,8 +134,9 @@ def test_a_feature_loss_gets_its_taps_from_both_networks():
     np.testing.assert_allclose(float(metrics["at_sum"]) / 3, term, rtol=1e-5)
     assert float(metrics["ce_sum"]) / 3 == pytest.approx(ce, rel=1e-5)
     # runs reading features never share a frozen backbone (its taps are per run)
-    assert train.group_mode(dataclasses.replace(spec, student_train="fc"), 4, True) == "vmap"
-    assert train.group_mode(dataclasses.replace(spec, loss="mse", pairs=(), student_train="fc"), 4, True) == "shared"
+    assert engine.groups.group_mode(dataclasses.replace(spec, student_train="fc"), 4, True) == "vmap"
+    assert engine.groups.group_mode(dataclasses.replace(spec, loss="mse", pairs=(), student_train="fc"), 4,
+                                    True) == "shared"
 
 
 def test_the_resnet_taps_are_the_registered_ones():
@@ -161,20 +162,20 @@ def test_several_teachers_one_vmapped_pass_per_architecture():
                             models.init_variables(models.create_model(arch, 2), jax.random.key(seed), 32))
         for arch, seed in [("resnet18", 1), ("resnet34", 2), ("resnet18", 3)]
     ]
-    ensemble = train.ensemble(teachers)
+    ensemble = engine.ensemble(teachers)
     assert ensemble.archs == ("resnet18", "resnet18", "resnet34")
     config = TrainConfig(batch_size=4, image_size=32, optim=OptimConfig(lr=0.0),
                          distill=DistillConfig(alpha=0.3, loss="kd", student_train="all"))
-    spec = train.StepSpec("resnet18", student, ensemble.model, config.optim, 1, "all", "kd", 32,
-                          teacher_groups=train.teacher_groups(ensemble, jnp.float32, 32))
+    spec = engine.StepSpec("resnet18", student, ensemble.model, config.optim, 1, "all", "kd", 32,
+                          teacher_groups=engine.teachers.step_groups(ensemble, jnp.float32, 32))
     assert [(g.arch, g.count) for g in spec.teacher_groups] == [("resnet18", 2), ("resnet34", 1)]
     s_vars = models.init_variables(student, jax.random.key(0), 32)
     rng = np.random.default_rng(0)
     batch = data.Batch(jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
                        jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.asarray([True, True, True, True]))
-    hparams = train.hparams_for(config)
-    _, metrics = jax.jit(train.train_step, static_argnames="spec")(
-        train.create_train_state(s_vars, spec), ensemble.variables, batch, hparams, spec=spec)
+    hparams = engine.hparams_for(config)
+    _, metrics = jax.jit(engine.train_step, static_argnames="spec")(
+        engine.step.create_train_state(s_vars, spec), ensemble.variables, batch, hparams, spec=spec)
 
     s_logits, _ = student.apply(s_vars, batch.images, train=True, mask=batch.mask, mutable=["batch_stats"])
     t_logits = [t.model.apply(t.variables, batch.images, train=False) for t in teachers]
@@ -188,7 +189,7 @@ def test_several_teachers_one_vmapped_pass_per_architecture():
     # the same figures through the evaluation's loss, for both ways of combining
     stacked = losses.Outputs(jnp.stack([t_logits[0], t_logits[2], t_logits[1]]))  # the ensemble's order
     for combine, want_kd in [("mean", kd), ("sum", sum(float(losses.hinton_kl(s_logits, t, 4.0)) for t in t_logits))]:
-        got = train.eval_metrics(losses.Outputs(s_logits), stacked, batch.labels, {**hparams, "epoch": 1.0},
+        got = engine.evaluation.eval_metrics(losses.Outputs(s_logits), stacked, batch.labels, {**hparams, "epoch": 1.0},
                                  dataclasses.replace(spec, teacher_combine=combine))
         np.testing.assert_allclose(float(got["kd"]), want_kd, rtol=1e-5, err_msg=combine)
         np.testing.assert_allclose(float(got["loss"]), 0.3 * ce + 0.7 * want_kd, rtol=1e-5, err_msg=combine)

@@ -12,7 +12,8 @@ import torchvision
 from torchvision import transforms as T
 
 from kdjax import checkpoint, weights
-from kdjax.predict import main
+from kdjax.cli import weights as cli_weights
+from kdjax.cli.predict import main
 from torch_reference import numpy_state_dict, torch_resnet
 
 VAL_IMAGES = ["ants/10308379_1b6c72e180.jpg", "bees/1032546534_06907fe3b3.jpg", "ants/desert_ant.jpg"]
@@ -89,7 +90,7 @@ def test_export_loads_strictly_in_torchvision_and_predicts_what_kdjax_predicts(t
     and whose softmax equals kdjax.predict's (1e-4, as test_predict_matches_...) on real images."""
     _, directory = _model_dir(tmp_path)
     out = tmp_path / "export" / "student.pth"
-    assert weights.main(["export", "--checkpoint", str(directory), "--out", str(out)]) == 0
+    assert cli_weights.main(["export", "--checkpoint", str(directory), "--out", str(out)]) == 0
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["arch"] == "resnet18" and sidecar["class_names"] == ["ants", "bees"]
     assert sidecar["eval_transform"] == {"resize": 256, "crop": 224, "interpolation": "bilinear",
@@ -111,5 +112,5 @@ def test_export_loads_strictly_in_torchvision_and_predicts_what_kdjax_predicts(t
     err = np.max(np.abs(got - want))
     print(f"exported .pth in torchvision vs kdjax.predict: max|dp| = {err:.2e}")
     assert err <= 1e-4
-    assert weights.main(["export", "--checkpoint", str(directory), "--out", str(tmp_path / "x.bin")]) == 2
+    assert cli_weights.main(["export", "--checkpoint", str(directory), "--out", str(tmp_path / "x.bin")]) == 2
     assert "give a .pth or .pt file name" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 whatever the reader threads; ``auto`` picks by memory; the flag's bad values are named.
 
 Two processes streaming against one holding the data are in test_distributed.py; a streamed run
-killed mid-epoch and resumed, in test_train.py.
+killed mid-epoch and resumed, in test_engine_loop.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import as_teacher, read_history
-from kdjax import data, models, sharding, train
+from kdjax import data, engine, models, sharding
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.data import batches, stream
 
@@ -49,7 +49,7 @@ def _runs(root, alphas=(0.5, 1.0)):
     student = models.init_variables(models.create_model("resnet18", 2), jax.random.key(2), 32)
     config = TrainConfig(optim=OptimConfig(lr=0.01, step_size=1, gamma=0.5), num_epochs=1, batch_size=32,
                          image_size=32, seed=0, distill=DistillConfig(alpha=0.5, student_train="fc"))
-    return [train.Run(dataclasses.replace(config, seed=k, distill=DistillConfig(alpha=a, student_train="fc")),
+    return [engine.Run(dataclasses.replace(config, seed=k, distill=DistillConfig(alpha=a, student_train="fc")),
                       root / f"alpha_{a}", student) for k, a in enumerate(alphas)]
 
 
@@ -67,7 +67,8 @@ def test_streaming_and_holding_hymenoptera_give_identical_float32_metrics(hymeno
     for name, ds, threads in (("held", held, 4), ("streamed", streamed, 4), ("one_thread", streamed, 1)):
         monkeypatch.setattr(stream, "DEFAULT_THREADS", threads)
         monkeypatch.setattr(stream, "DEFAULT_PREFETCH", threads)
-        got[name] = _history(train.train_runs(_runs(tmp_path / name), ds, teacher=teacher, scan_epochs=False))
+        got[name] = _history(engine.train_runs(_runs(tmp_path / name), ds, teacher=teacher,
+                             options=engine.EngineOptions(scan_epochs=False)))
     assert [r["epoch"] for r in got["held"][0]] == [1]
     assert got["streamed"] == got["held"] and got["one_thread"] == got["held"]
 
@@ -91,4 +92,4 @@ def test_a_bad_in_memory_choice_is_named(hymenoptera_dir, tmp_path):
 def test_scanned_epochs_over_streamed_data_are_refused_with_the_way_out(hymenoptera, tmp_path):
     _, streamed = hymenoptera
     with pytest.raises(ValueError, match=r"--scan_epochs on .* streamed: pass --data_in_memory on"):
-        train.train_runs(_runs(tmp_path), streamed, scan_epochs=True)
+        engine.train_runs(_runs(tmp_path), streamed, options=engine.EngineOptions(scan_epochs=True))

@@ -25,6 +25,7 @@ import torch
 import torchvision
 
 from kdjax import checkpoint, models, weights
+from kdjax.cli import weights as cli_weights
 from kdjax.fetch import DownloadError, download
 from kdjax.models.torchfile import TorchFileError, UnsafePickleError, load_state_dict
 from torch_reference import images, numpy_state_dict, torch_forward, torch_resnet
@@ -491,7 +492,7 @@ def test_cli_convert_writes_a_model_directory(tmp_path):
                                          ("ants,,bees", "empty name")])
 def test_cli_bad_class_names_exit_2_with_one_line(tmp_path, capsys, names, match):
     torch.save(torch_resnet("resnet18").state_dict(), tmp_path / "r18.pth")
-    code = weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "r18.pth"),
+    code = cli_weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "r18.pth"),
                          "--out", str(tmp_path / "out"), "--class-names", names])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
@@ -500,9 +501,9 @@ def test_cli_bad_class_names_exit_2_with_one_line(tmp_path, capsys, names, match
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "none.pth"),
+    assert cli_weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "none.pth"),
                          "--out", str(tmp_path / "out")]) == 2
-    assert weights.main(["convert", "--arch", "vgg11", "--src", "x", "--out", "y"]) == 2
+    assert cli_weights.main(["convert", "--arch", "vgg11", "--src", "x", "--out", "y"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("kdjax.weights: error: ") for line in lines)
     assert "none.pth" in lines[0] and "--arch" in lines[1]

@@ -2,11 +2,11 @@
 
     kdjax distill ...    the study: teacher, distillation runs, tables (kdjax.cli.distill)
     kdjax teacher ...    fine-tune a teacher (kdjax.cli.teacher)
-    kdjax predict ...    classify image files with a model directory (kdjax.predict)
-    kdjax evaluate ...   accuracy, per-class figures, confusion matrix on a folder (kdjax.evaluate)
-    kdjax convert ...    a torchvision .pth/.pt -> a kdjax model directory (kdjax.weights convert)
-    kdjax export ...     a kdjax model directory -> a torchvision state_dict (kdjax.weights export)
-    kdjax fetch ...      download torchvision's ImageNet file of an architecture (kdjax.weights fetch)
+    kdjax predict ...    classify image files with a model directory (kdjax.cli.predict)
+    kdjax evaluate ...   accuracy, per-class figures, confusion matrix on a folder (kdjax.cli.evaluate)
+    kdjax convert ...    a torchvision .pth/.pt -> a kdjax model directory (kdjax.cli.weights convert)
+    kdjax export ...     a kdjax model directory -> a torchvision state_dict (kdjax.cli.weights export)
+    kdjax fetch ...      download torchvision's ImageNet file of an architecture (kdjax.cli.weights fetch)
 
 ``kdjax COMMAND --help`` lists a command's flags. Each command is the same program as its
 ``python -m`` module (``experiments.paper`` and ``experiments.teacher`` in a checkout); only the
@@ -32,20 +32,20 @@ def _teacher(argv, prog):
 
 
 def _predict(argv, prog):
-    from kdjax import predict
+    from kdjax.cli import predict
 
     return predict.main(argv, prog=prog)
 
 
 def _evaluate(argv, prog):
-    from kdjax import evaluate
+    from kdjax.cli import evaluate
 
     return evaluate.main(argv, prog=prog)
 
 
 def _weights(subcommand: str):
     def run(argv, prog):
-        from kdjax import weights
+        from kdjax.cli import weights
 
         return weights.main([subcommand, *argv], prog="kdjax")
 

@@ -18,6 +18,7 @@ imagenet`` (the default) a missing torchvision file is downloaded by the run, ch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from kdjax.cli import flags as cli
@@ -61,61 +62,55 @@ def build_parser(prog: str = "kdjax distill") -> argparse.ArgumentParser:
     g.add_argument("--vectorize", choices=("auto", "on", "off"), default="auto",
                    help="train all runs together as one vmapped program (same metrics; one teacher "
                         "pass per seed and step). auto: on for GPU/TPU; on CPU, on where the runs "
-                        "share a frozen backbone (--student_train fc/fc_frozen_bn with a logit loss: "
-                        "the 12-run study's epoch took 30 s together against 73 s one by one at "
-                        "112 px on 2 cores, benchmarks/README.md), else off")
+                        "share a frozen backbone (--student_train fc/fc_frozen_bn with a logit loss, "
+                        "where it is faster: benchmarks/README.md), else off")
     cli.add_shared_flags(parser, gamma=0.1)
     return parser
 
 
 def main(argv=None, prog: str = "kdjax distill") -> int:
-    parser = build_parser(prog)
-    args = cli.parse(parser, argv, command=COMMAND)
+    return cli.run_command(build_parser(prog), argv, COMMAND, _distill)
 
+
+def _distill(args, parser) -> int:
     import pathlib
 
-    from kdjax import protocol, report, train
+    from kdjax import protocol, report
     from kdjax.config import DistillConfig
+    from kdjax.engine import EngineOptions, groups, teachers
 
-    try:
-        cli.init_distributed(args)  # first: before anything touches the JAX backend
-        distill = DistillConfig(alpha=(args.alpha or [0.0])[0], loss=cli.loss_name(args),
-                                hparams=cli.loss_hparams(args), student_train=args.student_train,
-                                pairs=cli.loss_pairs(args), teacher_combine=args.teacher_combine)
-        alphas = args.alpha or ([distill.alpha] if distill.weighted else [0.0, 0.5, 1.0])
-        config = protocol.PaperConfig(
-            alphas=tuple(alphas),
-            n_exp=args.n_exp,
-            init=args.init,
-            student_arch=args.student_arch,
-            train=cli.train_config(args, args.student_arch, distill),
-        )
-        for alpha in config.alphas:  # validate every alpha before any work
-            config.run_config(alpha, 0)
-        cli.write_recipe(args, parser, COMMAND, args.student_arch)
-        dataset = cli.load_data(args, args.student_arch)
-        out = pathlib.Path(args.out)
-        teacher_paths = args.teacher_file
-        teacher_archs = protocol.teacher_archs(args.teacher_arch, len(teacher_paths or [None]))
-        if teacher_paths is None:
-            teacher_init = "scratch" if args.init == "scratch" else "imagenet"
-            teacher_arch = teacher_archs[0] or protocol.TEACHER_ARCH
-            # the seed fine-tuned its teacher with the same recipe as the students
-            result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher",
-                                                teacher_arch, scan_epochs=cli.scan_epochs(args),
-                                                tensorboard_dir=out / "tensorboard" / "teacher")
-            print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}",
-                  file=sys.stderr)
-            teacher_paths = [out / "teacher" / "best"]
-        teacher = train.ensemble([protocol.load_teacher(path, dataset, arch)
-                                  for path, arch in zip(teacher_paths, teacher_archs)])
-        vectorize = args.vectorize == "on" or (args.vectorize == "auto" and (
-            cli.accelerated() or train.can_share_backbone(args.student_train, distill.loss)))
-        summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots,
-                                     vectorize=vectorize, scan_epochs=cli.scan_epochs(args),
-                                     teacher_cache_dir=args.teacher_cache)
-    except cli.USER_ERRORS as err:
-        return cli.fail(prog, err)
+    distill = DistillConfig(alpha=(args.alpha or [0.0])[0], loss=cli.loss_name(args),
+                            hparams=cli.loss_hparams(args), student_train=args.student_train,
+                            pairs=cli.loss_pairs(args), teacher_combine=args.teacher_combine)
+    alphas = args.alpha or ([distill.alpha] if distill.weighted else [0.0, 0.5, 1.0])
+    config = protocol.PaperConfig(
+        alphas=tuple(alphas),
+        n_exp=args.n_exp,
+        init=args.init,
+        student_arch=args.student_arch,
+        train=cli.train_config(args, args.student_arch, distill),
+    )
+    for alpha in config.alphas:  # validate every alpha before any work
+        config.run_config(alpha, 0)
+    dataset = cli.recipe_and_data(args, parser, COMMAND, args.student_arch)
+    out = pathlib.Path(args.out)
+    teacher_paths = args.teacher_file
+    teacher_archs = teachers.teacher_archs(args.teacher_arch, len(teacher_paths or [None]))
+    engine_options = EngineOptions(scan_epochs=cli.scan_epochs(args))
+    if teacher_paths is None:
+        teacher_init = "scratch" if args.init == "scratch" else "imagenet"
+        teacher_arch = teacher_archs[0] or protocol.TEACHER_ARCH
+        # the seed fine-tuned its teacher with the same recipe as the students
+        result = protocol.fine_tune_teacher(dataset, config.train, teacher_init, out / "teacher", teacher_arch,
+                                            options=engine_options, tensorboard_dir=out / "tensorboard" / "teacher")
+        print(f"teacher: best val accuracy {result.best_val_acc:.6f} at epoch {result.best_epoch}", file=sys.stderr)
+        teacher_paths = [out / "teacher" / "best"]
+    teacher = teachers.ensemble([teachers.load_teacher(path, dataset, arch)
+                                 for path, arch in zip(teacher_paths, teacher_archs)])
+    vectorize = args.vectorize == "on" or (args.vectorize == "auto" and (
+        cli.accelerated() or groups.can_share_backbone(args.student_train, distill.loss)))
+    options = dataclasses.replace(engine_options, vectorize=vectorize, teacher_cache_dir=args.teacher_cache)
+    summary = protocol.run_paper(config, dataset, teacher, out, plots=not args.no_plots, options=options)
     if cli.is_primary():
         print(report.summary_markdown(summary))
         print(f"\nwritten: {out.absolute() / 'summary.md'}")

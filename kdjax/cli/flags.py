@@ -16,15 +16,22 @@ from kdjax.cli import recipe
 from kdjax.config import OptimConfig
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
+def add_data_flags(parser: argparse.ArgumentParser, *, training: bool = True) -> None:
+    """The data flags; an evaluation (``training=False``) names a folder that holds the split it
+    reads and takes its image size from the model."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data_dir", default=None,
-                   help="ImageFolder root with train/ and val/ (default: download hymenoptera)")
+    if training:
+        g.add_argument("--data_dir", default=None,
+                       help="ImageFolder root with train/ and val/ (default: download hymenoptera)")
+    else:
+        g.add_argument("--data_dir", required=True, metavar="DIR",
+                       help="an ImageFolder root holding the split's folder")
     g.add_argument("--cache_dir", default=None,
                    help="decode cache and downloads (default $KDJAX_CACHE/datasets or ~/.cache/kdjax)")
-    g.add_argument("--image_size", type=int, default=None,
-                   help="crop size (default: the student's, 224 for the ResNets; the eval resize "
-                        "keeps the architecture's proportion, 256/224)")
+    if training:
+        g.add_argument("--image_size", type=int, default=None,
+                       help="crop size (default: the student's, 224 for the ResNets; the eval resize "
+                            "keeps the architecture's proportion, 256/224)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="leave unreadable images out (listed in a warning) instead of stopping")
     g.add_argument("--data_in_memory", choices=("auto", "on", "off"), default="auto",
@@ -39,7 +46,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 def add_recipe_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
     g = parser.add_argument_group("training recipe (the seed's defaults)")
     g.add_argument("--num_epochs", type=int, default=25)
-    g.add_argument("--batch_size", type=int, default=32)
+    add_batch_size(g)
     g.add_argument("--lr", type=float, default=0.001)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--s_lr_step_size", "--step_size", dest="step_size", type=int, default=7,
@@ -48,16 +55,23 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
                    help="learning-rate decay factor (torch StepLR gamma)")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_dtype(g, "compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+
+
+def add_batch_size(group) -> None:
+    group.add_argument("--batch_size", type=int, default=32)
+
+
+def add_dtype(group, help: str) -> None:
+    group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help=help)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--xla_cpu_tuning", choices=("on", "off"), default="on",
                    help="on: XLA:CPU runs convolutions and dots with its own kernels rather "
-                        "than YNNPACK (1.7x faster ResNet-50 on a 2-core AVX-512 CPU; see "
-                        "kdjax.xla_cpu); off: XLA's defaults. A flag already in XLA_FLAGS wins")
+                        "than YNNPACK (faster on CPUs; kdjax.xla_cpu, benchmarks/README.md); "
+                        "off: XLA's defaults. A flag already in XLA_FLAGS wins")
     g.add_argument("--compile_cache", default=None,
                    help="JAX's persistent compilation cache: a directory, or 'none' (default: "
                         "$JAX_COMPILATION_CACHE_DIR, else $KDJAX_CACHE/jax or ~/.cache/kdjax/jax)")
@@ -205,6 +219,26 @@ def write_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, comm
         return None
     return recipe.write(args.out, command, recipe.resolved(args, parser, dtype=default_dtype(args.dtype),
                                                            image_size=image_size(args, arch)))
+
+
+def run_command(parser: argparse.ArgumentParser, argv, command: str, body) -> int:
+    """The prologue and error exit every training command shares: parse ``argv`` (after its
+    recipe), join a multi-process run before anything touches the JAX backend, then
+    ``body(args, parser)``; a user error (bad flag value, file, folder, download, a diverging run) ends
+    in one line and status 2."""
+    args = parse(parser, argv, command=command)
+    try:
+        init_distributed(args)
+        return body(args, parser)
+    except USER_ERRORS as err:
+        return fail(parser.prog, err)
+
+
+def recipe_and_data(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str, arch: str):
+    """Write the run's resolved recipe to ``--out`` and load its data (what both training
+    commands do once their config is checked)."""
+    write_recipe(args, parser, command, arch)
+    return load_data(args, arch)
 
 
 def tune_xla_cpu(setting: str) -> list[str]:

@@ -33,20 +33,17 @@ def build_parser(prog: str = "kdjax teacher") -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str = "kdjax teacher") -> int:
-    parser = build_parser(prog)
-    args = cli.parse(parser, argv, command=COMMAND)
+    return cli.run_command(build_parser(prog), argv, COMMAND, _teacher)
 
+
+def _teacher(args, parser) -> int:
     from kdjax import protocol
+    from kdjax.engine import EngineOptions
 
-    try:
-        cli.init_distributed(args)  # first: before anything touches the JAX backend
-        config = cli.train_config(args, args.arch)
-        cli.write_recipe(args, parser, COMMAND, args.arch)
-        dataset = cli.load_data(args, args.arch)
-        result = protocol.fine_tune_teacher(dataset, config, args.init, args.out, args.arch,
-                                            scan_epochs=cli.scan_epochs(args))
-    except cli.USER_ERRORS as err:
-        return cli.fail(prog, err)
+    config = cli.train_config(args, args.arch)
+    dataset = cli.recipe_and_data(args, parser, COMMAND, args.arch)
+    result = protocol.fine_tune_teacher(dataset, config, args.init, args.out, args.arch,
+                                        options=EngineOptions(scan_epochs=cli.scan_epochs(args)))
     if not cli.is_primary():
         return 0
     n = dataset["val"].num_examples

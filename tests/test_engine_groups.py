@@ -1,4 +1,4 @@
-"""kdjax.train's groups: runs trained together (vmap, shared backbones) against the same runs
+"""kdjax.engine.groups: runs trained together (vmap, shared backbones) against the same runs
 one by one.
 
 A generated folder at 32 px, ResNet-18 as teacher and student, batch 4, 2 epochs, 4 simulated
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import as_teacher, assert_same_history, calibrated_variables, make_image_folder, varied_size
-from kdjax import checkpoint, data, models, train
+from kdjax import checkpoint, data, engine, models
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
 SPEC = {"train": {"ants": 10, "bees": 10}, "val": {"ants": 6, "bees": 6}}
@@ -57,13 +57,13 @@ def _config(seed: int, alpha: float, mode: str = "fc") -> TrainConfig:
     )
 
 
-def _runs(root, students, mode: str = "fc", pairs=None) -> list[train.Run]:
+def _runs(root, students, mode: str = "fc", pairs=None) -> list[engine.Run]:
     pairs = pairs or [(a, s) for a in ALPHAS for s in SEEDS]
-    return [train.Run(_config(s, a, mode), root / f"a{a}_s{s}", students[s]) for a, s in pairs]
+    return [engine.Run(_config(s, a, mode), root / f"a{a}_s{s}", students[s]) for a, s in pairs]
 
 
 def _one_by_one(runs, dataset, teacher):
-    return [train.train_and_evaluate(r.config, r.workdir, dataset, r.student_variables, teacher=teacher)
+    return [engine.train_and_evaluate(r, dataset, teacher=teacher)
             for r in runs]
 
 
@@ -74,7 +74,7 @@ def one_by_one(dataset, teacher, students, tmp_path_factory):
 
 def test_runs_together_equal_runs_one_by_one(dataset, teacher, students, one_by_one, tmp_path):
     runs = _runs(tmp_path, students)
-    together = train.train_runs(runs, dataset, teacher=teacher)
+    together = engine.train_runs(runs, dataset, teacher=teacher)
     assert len(together) == len(one_by_one) == 4
     for got, want in zip(together, one_by_one):
         assert_same_history(got.history, want.history, RTOL)
@@ -92,50 +92,54 @@ def test_runs_together_equal_runs_one_by_one(dataset, teacher, students, one_by_
 
 def test_layout_shares_backbones_only_between_equal_seeds_and_weights(dataset, teacher, students, tmp_path):
     runs = _runs(tmp_path, students)  # alpha-major: (0,s0) (0,s1) (.5,s0) (.5,s1)
-    spec = dataclasses.replace(train.step_spec_for(runs[0].config, dataset, "resnet18", teacher),
+    spec = dataclasses.replace(engine.step.step_spec_for(runs[0].config, dataset, "resnet18", teacher),
                                steps_per_epoch=5)
-    states = [train.create_train_state(r.student_variables, spec) for r in runs]
-    seeds, layout = train.layout_for(runs, states, "resnet18", shared=True)
+    states = [engine.step.create_train_state(r.student_variables, spec) for r in runs]
+    seeds, layout = engine.groups.layout_for([r.config.seed for r in runs], states, "resnet18", shared=True)
     assert seeds == [0, 1]
     assert layout.run_group.tolist() == [0, 1, 0, 1] and layout.group_rep.tolist() == [0, 1]
     assert layout.run_seed.tolist() == [0, 1, 0, 1] and layout.group_seed.tolist() == [0, 1]
-    _, alone = train.layout_for(runs, states, "resnet18", shared=False)
+    _, alone = engine.groups.layout_for([r.config.seed for r in runs], states, "resnet18", shared=False)
     assert alone.run_group.tolist() == [0, 1, 2, 3]
 
 
 def test_unshared_vmap_path_equals_runs_one_by_one(dataset, teacher, students, one_by_one, tmp_path):
     # every student's whole forward pass vmapped (batched convolutions, BatchNorm updates)
     runs = _runs(tmp_path, students)[2:]  # alpha 0.5, seeds 0 and 1
-    got = train.train_runs(runs, dataset, teacher=teacher, share_frozen=False)
+    got = engine.train_runs(runs, dataset, teacher=teacher, options=engine.EngineOptions(share_frozen=False))
     for g, w in zip(got, one_by_one[2:]):
         assert_same_history(g.history, w.history, RTOL)
 
 
 def test_full_fine_tuning_step_vmapped_matches_single_steps(dataset, teacher, students):
     # "all" mode, one step: losses agree to round-off; backbone updates are compared relative to
-    # how far each tensor moved, <= 0.1 as in test_train_step: gradients through ReLU kinks
+    # how far each tensor moved, <= 0.1 as in test_engine_step: gradients through ReLU kinks
     # differ by up to ~10% between two correct summation orders, and over several steps at a
     # learning rate that trains, such differences grow chaotically, so multi-epoch histories
     # are not comparable in this mode.
-    spec = train.step_spec_for(_config(0, 0.5, "all"), dataset, "resnet18", teacher)
+    spec = engine.step.step_spec_for(_config(0, 0.5, "all"), dataset, "resnet18", teacher)
     split = dataset["train"].train
-    states = [train.create_train_state(students[s], spec) for s in SEEDS]
+    states = [engine.step.create_train_state(students[s], spec) for s in SEEDS]
     indices = np.stack([np.arange(4), np.arange(4, 8)]).astype(np.int32)
     mask = np.ones((2, 4), bool)
-    hparams = train.hparams_for(_config(0, 0.5, "all"))
+    hparams = engine.hparams_for(_config(0, 0.5, "all"))
     seeds = jnp.asarray(SEEDS, jnp.uint32)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
     two = jnp.arange(2, dtype=jnp.int32)
-    layout = train.Layout(seeds, two, two, two, two)
-    together, metrics = train.group_step(
-        stacked, teacher.variables, split, indices, mask, jnp.int32(0),
-        jax.tree.map(lambda x: jnp.stack([x, x]), hparams), layout, spec, mode="vmap",
+    layout = engine.groups.Layout(seeds, two, two, two, two)
+    groups = engine.groups
+    together, metrics = groups.group_step(
+        stacked, teacher.variables, split, groups.StepData(indices, mask),
+        groups.GroupContext(jnp.int32(0), jax.tree.map(lambda x: jnp.stack([x, x]), hparams), layout),
+        groups.GroupProgram(spec, "vmap"),
     )
     for k, state in enumerate(states):
-        alone, m = train.group_step(
-            jax.tree.map(lambda a: a[None], state), teacher.variables, split, indices[k:k + 1],
-            mask[k:k + 1], jnp.int32(0), jax.tree.map(lambda a: a[None], hparams),
-            train.Layout.single(SEEDS[k]), spec, mode="single")
+        alone, m = groups.group_step(
+            jax.tree.map(lambda a: a[None], state), teacher.variables, split,
+            groups.StepData(indices[k:k + 1], mask[k:k + 1]),
+            groups.GroupContext(jnp.int32(0), jax.tree.map(lambda a: a[None], hparams),
+                                groups.Layout.single(SEEDS[k])),
+            groups.GroupProgram(spec, "single"))
         alone, m = jax.tree.map(lambda a: a[0], (alone, m))
         np.testing.assert_allclose(metrics["loss"][k], m["loss"], rtol=1e-5)  # measured 1.2e-6
         for before, a, t in zip(jax.tree.leaves(state.params), jax.tree.leaves(alone.params),
@@ -155,15 +159,14 @@ def test_runs_at_different_epochs_resume_in_groups(dataset, teacher, students, o
 
     # run 0 stopped after its first epoch, one by one: it resumes at epoch 1, run 1 at 0
     with pytest.raises(Stop):
-        train.train_and_evaluate(runs[0].config, runs[0].workdir, dataset, runs[0].student_variables,
-                                 teacher=teacher, on_epoch=stop)
+        engine.train_and_evaluate(runs[0], dataset, teacher=teacher, on_epoch=stop)
     seen = []
-    results = train.train_runs(runs, dataset, teacher=teacher, on_epoch=lambda k, r: seen.append((k, r["epoch"])))
+    results = engine.train_runs(runs, dataset, teacher=teacher, on_epoch=lambda k, r: seen.append((k, r["epoch"])))
     assert sorted(seen) == [(0, 2), (1, 1), (1, 2)]
     for got, want in zip(results, one_by_one[:2]):
         assert_same_history(got.history, want.history, RTOL)
     # a finished sweep read back trains nothing
-    again = train.train_runs(runs, dataset, teacher=teacher, on_epoch=lambda k, r: seen.append(k))
+    again = engine.train_runs(runs, dataset, teacher=teacher, on_epoch=lambda k, r: seen.append(k))
     assert len(seen) == 3 and [r.history for r in again] == [r.history for r in results]
 
 
@@ -171,6 +174,6 @@ def test_runs_with_other_recipes_are_refused(dataset, teacher, students, tmp_pat
     runs = _runs(tmp_path, students)
     odd = dataclasses.replace(runs[1], config=dataclasses.replace(runs[1].config, batch_size=8))
     with pytest.raises(ValueError, match="share the recipe"):
-        train.train_runs([runs[0], odd], dataset, teacher=teacher)
+        engine.train_runs([runs[0], odd], dataset, teacher=teacher)
     with pytest.raises(ValueError, match="distinct work directories"):
-        train.train_runs([runs[0], dataclasses.replace(runs[1], workdir=runs[0].workdir)], dataset, teacher=teacher)
+        engine.train_runs([runs[0], dataclasses.replace(runs[1], workdir=runs[0].workdir)], dataset, teacher=teacher)

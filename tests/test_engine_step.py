@@ -1,4 +1,4 @@
-"""kdjax.train.train_step: one KD step equals the seed's PyTorch step; jit and sharding properties.
+"""kdjax.engine.train_step: one KD step equals the seed's PyTorch step; jit and sharding properties.
 
 The PyTorch side is the seed's step written out: teacher ResNet-50 in eval mode under no_grad,
 student ResNet-18 in train mode (eval mode for ``fc_frozen_bn``), ``alpha * CrossEntropyLoss +
@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdjax import data, models, sharding, train, weights
+from kdjax import data, engine, models, sharding, weights
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from torch_reference import deterministic, images, numpy_state_dict, torch_model, torch_resnet
 
@@ -70,10 +70,10 @@ _traces = 0
 
 
 def _counted_train_step(state, teacher_vars, batch, hparams, spec):
-    """``train.train_step`` with a trace counter: the Python body only runs while jit traces."""
+    """``engine.train_step`` with a trace counter: the Python body only runs while jit traces."""
     global _traces
     _traces += 1
-    return train.train_step(state, teacher_vars, batch, hparams, spec)
+    return engine.train_step(state, teacher_vars, batch, hparams, spec)
 
 
 # One jitted function for every single-device test, so that they share compilations.
@@ -90,8 +90,8 @@ def config(mode: str, alpha: float = ALPHA, temperature: float = 4.0, loss: str 
     )
 
 
-def spec_for(mode: str, loss: str = "mse", student: str = "resnet18") -> train.StepSpec:
-    return train.StepSpec(
+def spec_for(mode: str, loss: str = "mse", student: str = "resnet18") -> engine.StepSpec:
+    return engine.StepSpec(
         student_arch=student,
         student=models.create_model(student, 2).clone(**deterministic(student)),
         teacher=models.create_model("resnet50", 2),
@@ -148,7 +148,7 @@ def flat(tree) -> dict[str, np.ndarray]:
     }
 
 
-def variables_of(state: train.TrainState) -> dict[str, np.ndarray]:
+def variables_of(state: engine.TrainState) -> dict[str, np.ndarray]:
     return flat({"params": state.params, "batch_stats": state.batch_stats})
 
 
@@ -189,12 +189,12 @@ def _torch_head(arch: str) -> str:
 
 
 def jax_steps(mode: str, steps: list[data.Batch], arch: str = "resnet18"):
-    """The same steps through ``train.train_step`` (jitted, one device). Returns the losses,
+    """The same steps through ``engine.train_step`` (jitted, one device). Returns the losses,
     the flattened variables after each step, the host metrics and the final state."""
     spec = spec_for(mode, student=arch)
     t_vars, s_vars = flax_variables(arch)
-    state = train.create_train_state(s_vars, spec)
-    hparams = train.hparams_for(config(mode))
+    state = engine.step.create_train_state(s_vars, spec)
+    hparams = engine.hparams_for(config(mode))
     after, metrics = [], []
     for b in steps:
         state, m = STEP(state, t_vars, b, hparams, spec=spec)
@@ -316,12 +316,12 @@ def test_alpha_and_temperature_sweep_compiles_once(loss):
     """alpha and temperature are traced: a whole sweep reuses one trace and one executable,
     even with a StepSpec rebuilt per run (it is compared by value)."""
     t_vars, s_vars = flax_variables()
-    state0 = train.create_train_state(s_vars, spec_for("fc", loss))
+    state0 = engine.step.create_train_state(s_vars, spec_for("fc", loss))
     batch = batches()[0]
     sweep = [(0.0, 1.0), (0.5, 2.0), (1.0, 0.5)]
     results = []
     for i, (alpha, temperature) in enumerate(sweep):
-        hparams = train.hparams_for(config("fc", alpha, temperature, loss))
+        hparams = engine.hparams_for(config("fc", alpha, temperature, loss))
         _, m = STEP(state0, t_vars, batch, hparams, spec=spec_for("fc", loss))
         if i == 0:
             traces = _traces
@@ -351,15 +351,15 @@ def sharded_run(num_devices: int, mode: str = "fc"):
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     spec = spec_for(mode)
     step = jax.jit(
-        functools.partial(train.train_step, spec=spec),  # jit takes no kwargs with in_shardings
+        functools.partial(engine.train_step, spec=spec),  # jit takes no kwargs with in_shardings
         in_shardings=(repl, repl, batch_sh, repl),
         out_shardings=(repl, repl),
         donate_argnums=0,
     )
     t_host, s_host = flax_variables()
     teacher = jax.device_put(t_host, repl)
-    state = jax.device_put(train.create_train_state(s_host, spec), repl)
-    hparams = jax.device_put(train.hparams_for(config(mode)), repl)
+    state = jax.device_put(engine.step.create_train_state(s_host, spec), repl)
+    hparams = jax.device_put(engine.hparams_for(config(mode)), repl)
     losses, after = [], []
     for b in batches():
         state, m = step(state, teacher, jax.device_put(b, batch_sh), hparams)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdjax import losses, models, train, weights
+from kdjax import data, engine, losses, models, weights
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.data import augment, transforms
 from kdjax.models.spec import InputSpec
@@ -58,8 +58,8 @@ def _torch_teacher_logits(net, x_student: np.ndarray, size: int) -> np.ndarray:
 @pytest.mark.parametrize("teacher_size", [64, 32])  # larger (upsampled) and smaller (antialiased)
 def test_a_teacher_of_another_input_spec_sees_the_students_crop_as_its_own(monkeypatch, teacher_size):
     arch = _teacher_arch(monkeypatch, teacher_size)
-    assert train.network_view("resnet18", STUDENT_SIZE) is None  # the canonical batch, as it is
-    view = train.network_view(arch, STUDENT_SIZE)
+    assert engine.network_view("resnet18", STUDENT_SIZE) is None  # the canonical batch, as it is
+    view = engine.network_view(arch, STUDENT_SIZE)
     assert view == augment.View(teacher_size, MEAN, STD)
 
     net = torch_resnet("resnet18", seed=3)
@@ -68,13 +68,13 @@ def test_a_teacher_of_another_input_spec_sees_the_students_crop_as_its_own(monke
     config = TrainConfig(optim=OptimConfig(lr=0.01, momentum=0.9, step_size=7, gamma=0.1),
                          distill=DistillConfig(alpha=0.3, loss="mse", student_train="fc"),
                          batch_size=4, image_size=STUDENT_SIZE)
-    spec = train.StepSpec(student_arch="resnet18", student=models.create_model("resnet18", 2),
+    spec = engine.StepSpec(student_arch="resnet18", student=models.create_model("resnet18", 2),
                           teacher=models.create_model(arch, 2), optim=config.optim, steps_per_epoch=1,
                           student_train="fc", loss="mse", image_size=STUDENT_SIZE,
                           student_view=None, teacher_view=view)
     x = images(4, STUDENT_SIZE, seed=7)
     want = _torch_teacher_logits(net, x, teacher_size)
-    got = np.asarray(jax.jit(train.teacher_outputs, static_argnums=0)(spec, t_vars, jnp.asarray(x)).logits)
+    got = np.asarray(jax.jit(engine.step.teacher_outputs, static_argnums=0)(spec, t_vars, jnp.asarray(x)).logits)
     err = np.max(np.abs(got - want))
     print(f"teacher at {teacher_size} px from a {STUDENT_SIZE} px crop: max|dlogit| vs torch {err:.1e} "
           f"(logit scale {np.max(np.abs(want)):.1f})")
@@ -82,9 +82,9 @@ def test_a_teacher_of_another_input_spec_sees_the_students_crop_as_its_own(monke
 
     # the whole step: the loss is alpha * CE(student) + (1 - alpha) * MSE(student, torch's teacher)
     labels = np.asarray([0, 1, 1, 0], np.int32)
-    batch = train.data.Batch(jnp.asarray(x), jnp.asarray(labels), jnp.ones(4, bool))
-    state = train.create_train_state(s_vars, spec)
-    _, metrics = jax.jit(train.train_step, static_argnames="spec")(state, t_vars, batch, train.hparams_for(config),
+    batch = data.Batch(jnp.asarray(x), jnp.asarray(labels), jnp.ones(4, bool))
+    state = engine.step.create_train_state(s_vars, spec)
+    _, metrics = jax.jit(engine.train_step, static_argnames="spec")(state, t_vars, batch, engine.hparams_for(config),
                                                                   spec=spec)
     s_logits = models.create_model("resnet18", 2).apply(s_vars, jnp.asarray(x), train=True, mutable=["batch_stats"])[0]
     ce = losses.cross_entropy(s_logits, jnp.asarray(labels))
@@ -93,9 +93,9 @@ def test_a_teacher_of_another_input_spec_sees_the_students_crop_as_its_own(monke
 
 
 def test_a_network_of_one_input_size_sees_every_batch_at_that_size():
-    assert train.network_view("vit_b_16", 112) == augment.View(224)
-    assert train.network_view("vit_b_16", 224) is None
-    assert train.network_view("convnext_tiny", 112) is None
+    assert engine.network_view("vit_b_16", 112) == augment.View(224)
+    assert engine.network_view("vit_b_16", 224) is None
+    assert engine.network_view("convnext_tiny", 112) is None
 
 
 def test_dropout_masks_come_from_the_runs_seed_and_step():
@@ -105,15 +105,15 @@ def test_dropout_masks_come_from_the_runs_seed_and_step():
     assert model.dropout == 0.2
     variables = models.init_variables(model, jax.random.key(0), 32)
     x = jnp.asarray(images(4, 32, seed=9))
-    batch = train.data.Batch(x, jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.ones(4, bool))
-    step = jax.jit(train.train_step, static_argnames="spec")
+    batch = data.Batch(x, jnp.asarray([0, 1, 1, 0], jnp.int32), jnp.ones(4, bool))
+    step = jax.jit(engine.train_step, static_argnames="spec")
 
     def loss(mode: str, seed: int) -> float:
-        spec = train.StepSpec(student_arch="mobilenet_v3_small", student=model,
+        spec = engine.StepSpec(student_arch="mobilenet_v3_small", student=model,
                               teacher=None, optim=config.optim, steps_per_epoch=1, student_train=mode,
                               image_size=32)
-        state = train.create_train_state(variables, spec)
-        return float(step(state, None, batch, train.hparams_for(config), spec=spec, seed=seed)[1]["loss"])
+        state = engine.step.create_train_state(variables, spec)
+        return float(step(state, None, batch, engine.hparams_for(config), spec=spec, seed=seed)[1]["loss"])
 
     assert loss("fc", 0) == loss("fc", 0)  # reproducible: the masks depend on (seed, step) alone
     assert loss("fc", 0) != loss("fc", 1)  # drawn in train mode, from the run's seed

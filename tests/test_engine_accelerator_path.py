@@ -1,4 +1,4 @@
-"""The GPU default path of kdjax.train (scanned epochs, runs vectorised, bfloat16), exercised on
+"""The GPU default path of kdjax.engine (scanned epochs, runs vectorised, bfloat16), exercised on
 2 simulated CPU devices against the CPU default (a host loop, one run after another, float32).
 
 A generated folder at 32 px, ResNet-18 teacher and students with measured BatchNorm statistics
@@ -7,7 +7,7 @@ A generated folder at 32 px, ResNet-18 teacher and students with measured BatchN
 Tolerances:
 - float32: the scanned, vectorised program sums in another order than the host loop (batched
   convolutions, heads applied to shared features), so figures drift apart by round-off over the
-  steps: 1e-4 relative, as tests/test_train_groups.py; accuracy counts are equal.
+  steps: 1e-4 relative, as tests/test_engine_groups.py; accuracy counts are equal.
 - bfloat16: 8 bits of mantissa (relative rounding 2^-9 = 2e-3 per operation) through ~20 layers
   of teacher and student, then 10 optimiser steps (at the seed's lr 0.001) that carry the
   differences on: the validation loss, its terms and the logit difference are held to 5e-2
@@ -21,7 +21,7 @@ import jax
 import pytest
 
 from conftest import as_teacher, assert_same_history, calibrated_variables, make_image_folder, read_history, varied_size
-from kdjax import data, models, sharding, train
+from kdjax import data, engine, models, sharding
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 
 SPEC = {"train": {"ants": 10, "bees": 10}, "val": {"ants": 6, "bees": 6}}
@@ -43,26 +43,27 @@ def setting(tmp_path_factory):
     return dataset, teacher, students, sharding.data_mesh(jax.devices()[:2])
 
 
-def _runs(root, students, dtype: str) -> list[train.Run]:
+def _runs(root, students, dtype: str) -> list[engine.Run]:
     def config(seed, alpha):
         return TrainConfig(optim=OptimConfig(lr=0.001, step_size=1, gamma=0.5),
                            distill=DistillConfig(alpha=alpha), num_epochs=2, batch_size=4, image_size=32,
                            seed=seed, compute_dtype=dtype)
 
-    return [train.Run(config(s, a), root / f"a{a}_s{s}", students[s]) for a in ALPHAS for s in SEEDS]
+    return [engine.Run(config(s, a), root / f"a{a}_s{s}", students[s]) for a in ALPHAS for s in SEEDS]
 
 
 @pytest.fixture(scope="module")
 def plain(setting, tmp_path_factory):
     dataset, teacher, students, mesh = setting
     runs = _runs(tmp_path_factory.mktemp("plain"), students, "float32")
-    return train.train_runs(runs, dataset, teacher=teacher, mesh=mesh, vectorize=False, scan_epochs=False)
+    return engine.train_runs(runs, dataset, teacher=teacher, mesh=mesh,
+                             options=engine.EngineOptions(vectorize=False, scan_epochs=False))
 
 
 def _accelerated(setting, root, dtype):
     dataset, teacher, students, mesh = setting
-    return train.train_runs(_runs(root, students, dtype), dataset, teacher=teacher, mesh=mesh,
-                            vectorize=True, scan_epochs=True)
+    return engine.train_runs(_runs(root, students, dtype), dataset, teacher=teacher, mesh=mesh,
+                             options=engine.EngineOptions(vectorize=True, scan_epochs=True))
 
 
 def _worst(got, want, key):

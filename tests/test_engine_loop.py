@@ -1,7 +1,7 @@
-"""The host loop of kdjax.train: files, resume (also after SIGKILL), mismatches, faults.
+"""The host loop of kdjax.engine (kdjax.engine.loop): files, resume (also after SIGKILL), mismatches, faults.
 
 Runs use 32 px images, ResNet-18 as both student and teacher (the engine does not care which
-ResNet the teacher is; test_train_step covers ResNet-50) and 2-3 epochs on a generated folder.
+ResNet the teacher is; test_engine_step covers ResNet-50) and 2-3 epochs on a generated folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import as_teacher, child_command, child_env, make_image_folder, read_history, read_metrics, varied_size
-from kdjax import checkpoint, data, models, train
+from kdjax import checkpoint, data, engine, models
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.predict import predict_files
 
@@ -34,7 +34,7 @@ def dataset(folder, tmp_path_factory):
     return data.load_splits(folder, image_size=32, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def _teacher(seed: int = 1) -> train.Teacher:
+def _teacher(seed: int = 1) -> engine.Teacher:
     model = models.create_model("resnet18", 2)
     return as_teacher("resnet18", model, models.init_variables(model, jax.random.key(seed), 32))
 
@@ -59,7 +59,7 @@ def _config(**kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def finished_run(dataset, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    result = train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher())
+    result = engine.train_and_evaluate(engine.Run(_config(), workdir, _student()), dataset, teacher=_teacher())
     return workdir, result
 
 
@@ -90,23 +90,23 @@ def test_teacher_is_not_checkpointed(finished_run):
 
 def test_rerunning_a_finished_run_does_not_train_again(finished_run, dataset):
     workdir, result = finished_run
-    again = train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher())
+    again = engine.train_and_evaluate(engine.Run(_config(), workdir, _student()), dataset, teacher=_teacher())
     assert again.history == result.history
 
 
 def test_resume_refuses_another_config_or_teacher(finished_run, dataset):
     workdir, _ = finished_run
-    with pytest.raises(train.ResumeMismatchError, match="config"):
-        train.train_and_evaluate(_config(seed=1), workdir, dataset, _student(), teacher=_teacher())
-    with pytest.raises(train.ResumeMismatchError, match="teacher_fingerprint"):
-        train.train_and_evaluate(_config(), workdir, dataset, _student(), teacher=_teacher(seed=9))
+    with pytest.raises(engine.ResumeMismatchError, match="config"):
+        engine.train_and_evaluate(engine.Run(_config(seed=1), workdir, _student()), dataset, teacher=_teacher())
+    with pytest.raises(engine.ResumeMismatchError, match="teacher_fingerprint"):
+        engine.train_and_evaluate(engine.Run(_config(), workdir, _student()), dataset, teacher=_teacher(seed=9))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
     # gamma 1e30 multiplies the learning rate by 1e30 after epoch 1: epoch 2 diverges
     config = _config(optim=OptimConfig(lr=0.05, step_size=1, gamma=1e30), num_epochs=3)
-    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2 step \d+/5"):
-        train.train_and_evaluate(config, tmp_path, dataset, _student(), teacher=_teacher())
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2 step \d+/5"):
+        engine.train_and_evaluate(engine.Run(config, tmp_path, _student()), dataset, teacher=_teacher())
     assert [r["epoch"] for r in read_history(tmp_path)] == [1]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [0]
 
@@ -144,15 +144,15 @@ def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(datase
     import jax.numpy as jnp
 
     teacher = _teacher()
-    spec = train.step_spec_for(_config(compute_dtype="bfloat16"), dataset, "resnet18", teacher)
+    spec = engine.step.step_spec_for(_config(compute_dtype="bfloat16"), dataset, "resnet18", teacher)
     assert spec.student.dtype == jnp.bfloat16 and spec.teacher.dtype == jnp.bfloat16
-    spec32 = train.step_spec_for(_config(), dataset, "resnet18", teacher)
+    spec32 = engine.step.step_spec_for(_config(), dataset, "resnet18", teacher)
     assert spec32.teacher.dtype == jnp.float32
-    state = train.create_train_state(_student(), spec)
+    state = engine.step.create_train_state(_student(), spec)
     batch = data.train_batch(dataset["train"].train, np.arange(4), np.ones(4, bool), 0, 0, 32)
-    hparams = train.hparams_for(_config())
-    new16, m16 = train.train_step(state, teacher.variables, batch, hparams, spec)
-    _, m32 = train.train_step(state, teacher.variables, batch, hparams, spec32)
+    hparams = engine.hparams_for(_config())
+    new16, m16 = engine.train_step(state, teacher.variables, batch, hparams, spec)
+    _, m32 = engine.train_step(state, teacher.variables, batch, hparams, spec32)
     # master weights, statistics and optimiser state stay float32
     assert {leaf.dtype for leaf in jax.tree.leaves(new16)} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
     # bfloat16 keeps 8 bits of mantissa: the loss agrees with float32 to a few percent, not 1e-6
@@ -162,11 +162,11 @@ def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(datase
 
 def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(tmp_path):
     steps = {"loss": np.array([0.5, np.nan]), "loss_sum": np.ones(2), "correct": np.ones(2), "count": np.ones(2)}
-    with pytest.raises(train.NonFiniteLossError, match=r"epoch 1 step 2/2; nothing of this epoch was saved, "
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1 step 2/2; nothing of this epoch was saved, "
                                                        r"no epoch of this run was saved yet"):
-        train.summarize_steps(steps, 0, tmp_path)
-    with pytest.raises(train.NonFiniteLossError, match=r"the last good checkpoint is epoch 3 in"):
-        train.summarize_steps(steps, 3, tmp_path)
+        engine.store.summarize_steps(steps, 0, tmp_path)
+    with pytest.raises(engine.NonFiniteLossError, match=r"the last good checkpoint is epoch 3 in"):
+        engine.store.summarize_steps(steps, 3, tmp_path)
 
 
 def test_feature_losses_train_their_adapters_and_export_the_student_alone(dataset, tmp_path):
@@ -175,7 +175,7 @@ def test_feature_losses_train_their_adapters_and_export_the_student_alone(datase
     (a resumed run continues them), and the exported best model is the student alone."""
     config = _config(distill=DistillConfig(loss="ce:1 fitnet:1 pooled:0.5", student_train="all",
                                            pairs={"fitnet": (("layer3", "layer3"),)}))
-    result = train.train_and_evaluate(config, tmp_path, dataset, _student(), teacher=_teacher())
+    result = engine.train_and_evaluate(engine.Run(config, tmp_path, _student()), dataset, teacher=_teacher())
     for record in result.history:
         assert set(record["train"]) >= {"loss", "ce", "fitnet", "pooled"}
         assert set(record["val"]) >= {"loss", "ce", "fitnet", "pooled", "agreement"}
@@ -185,8 +185,8 @@ def test_feature_losses_train_their_adapters_and_export_the_student_alone(datase
     import orbax.checkpoint as ocp
 
     saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
-    spec = train.step_spec_for(config, dataset, "resnet18", _teacher())
-    fresh = train.init_aux(spec, config.seed)
+    spec = engine.step.step_spec_for(config, dataset, "resnet18", _teacher())
+    fresh = engine.step.init_aux(spec, config.seed)
     assert set(saved["aux"]["params"]) == {"fitnet", "pooled"}
     kernel = saved["aux"]["params"]["fitnet"]["0"]["conv"]["kernel"]
     assert kernel.shape == (1, 1, 256, 256)  # layer3 -> layer3 of two ResNet-18s
@@ -210,28 +210,30 @@ def test_teacher_cache_fills_once_and_a_second_study_trains_identically(dataset,
     def runs(name, alpha, loss):
         config = _config(optim=OptimConfig(lr=0.002, step_size=1, gamma=0.5),
                          distill=DistillConfig(alpha=alpha, loss=loss, student_train="all"))
-        return [train.Run(dataclasses.replace(config, seed=seed), tmp_path / name / str(seed), _student())
+        return [engine.Run(dataclasses.replace(config, seed=seed), tmp_path / name / str(seed), _student())
                 for seed in (0, 1)]
 
     cache = tmp_path / "cache"
-    train.train_runs(runs("fill", 0.5, "mse"), dataset, teacher=teacher, teacher_cache_dir=cache)
+    engine.train_runs(runs("fill", 0.5, "mse"), dataset, teacher=teacher,
+                      options=engine.EngineOptions(teacher_cache_dir=cache))
     [entry] = list(cache.iterdir())
     assert sorted(p.name for p in entry.glob("*.npy")) == [f"seed{s}_epoch{e}.npy" for s in (0, 1) for e in (0, 1)]
     logits = np.load(entry / "seed0_epoch0.npy")
     assert logits.shape == (dataset["train"].num_examples, 2) and np.all(np.isfinite(logits))
 
-    plain = train.train_runs(runs("plain", 0.3, "kd"), dataset, teacher=teacher)
+    plain = engine.train_runs(runs("plain", 0.3, "kd"), dataset, teacher=teacher)
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although its outputs were cached")
 
-    monkeypatch.setattr(train, "teacher_outputs", no_teacher)
-    cached = train.train_runs(runs("cached", 0.3, "kd"), dataset, teacher=teacher, teacher_cache_dir=cache)
+    monkeypatch.setattr(engine.groups, "teacher_outputs", no_teacher)
+    cached = engine.train_runs(runs("cached", 0.3, "kd"), dataset, teacher=teacher,
+                               options=engine.EngineOptions(teacher_cache_dir=cache))
     assert _histories(cached) == _histories(plain)
     with pytest.raises(ValueError, match="reads its feature taps"):
         config = _config(distill=DistillConfig(loss="ce:1 at:1", student_train="all"))
-        train.train_runs([train.Run(config, tmp_path / "at", _student())], dataset, teacher=teacher,
-                         teacher_cache_dir=cache)
+        engine.train_runs([engine.Run(config, tmp_path / "at", _student())], dataset, teacher=teacher,
+                          options=engine.EngineOptions(teacher_cache_dir=cache))
 
 
 @pytest.mark.parametrize("in_memory", ["on", "off"])
@@ -245,9 +247,9 @@ def test_a_test_split_scores_the_model_selected_on_val(folder, tmp_path, in_memo
         shutil.copytree(folder / "val" / cls, root / "test" / other)
     ds = data.load_splits(root, image_size=32, cache_dir=tmp_path / "cache", in_memory=in_memory)
     assert ds.test is not None and ds.test.num_examples == 12
-    [result] = train.train_runs([train.Run(_config(num_epochs=2), tmp_path / "run", _student())], ds,
+    [result] = engine.train_runs([engine.Run(_config(num_epochs=2), tmp_path / "run", _student())], ds,
                                 teacher=_teacher())
-    test = json.loads((tmp_path / "run" / train.TEST_FILE).read_text())
+    test = json.loads((tmp_path / "run" / engine.store.TEST_FILE).read_text())
     assert result.test == test and test["num_test"] == 12
     assert test["selected_epoch"] == result.best_epoch and test["selected_val_acc"] == result.best_val_acc
     assert test["correct"] == 12 - round(result.best_val_acc * 12)
@@ -256,7 +258,7 @@ def test_a_test_split_scores_the_model_selected_on_val(folder, tmp_path, in_memo
 
 def test_console_lines_name_each_run_by_its_directory():
     paths = [pathlib.Path("/o/alpha_0/run_0"), pathlib.Path("/o/alpha_0.5/run_1")]
-    assert train.run_labels(paths) == ["alpha_0/run_0", "alpha_0.5/run_1"]
-    assert train.run_labels(paths[1:]) == ["alpha_0.5/run_1"]  # a run alone keeps its parent's name
-    assert train.run_labels([pathlib.Path("/o/alpha_0.5/run_0"), pathlib.Path("/o/alpha_0.5/run_1")]) == \
+    assert engine.store.run_labels(paths) == ["alpha_0/run_0", "alpha_0.5/run_1"]
+    assert engine.store.run_labels(paths[1:]) == ["alpha_0.5/run_1"]  # a run alone keeps its parent's name
+    assert engine.store.run_labels([pathlib.Path("/o/alpha_0.5/run_0"), pathlib.Path("/o/alpha_0.5/run_1")]) == \
         ["alpha_0.5/run_0", "alpha_0.5/run_1"]
