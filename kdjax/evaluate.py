@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import checkpoint, data, distributed, report, sharding
-from kdjax.data.folder import DataError, scan_image_folder
+from kdjax.data import sources
+from kdjax.data.folder import DataError
 from kdjax.engine import evaluation, step, teachers
 
 SPLITS = ("train", "val", "test")
@@ -126,12 +127,12 @@ def _load_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
         present = sorted(e.name for e in os.scandir(root) if e.is_dir())
         raise DataError(f"--data_dir {root}: no split folder {root / config.split} (found folders: "
                         f"{present or 'none'}); pass --split with one of them")
-    classes = scan_image_folder(root, (config.split,)).class_names
-    if classes != meta.class_names:
-        raise DataError(f"--data_dir {root}: the class folders of {config.split}/ {list(classes)} are not the "
-                        f"checkpoint's classes {list(meta.class_names)} (same names, same order required)")
-    return data.load_splits(root, image_size=meta.image_size, cache_dir=config.cache_dir, splits=(config.split,),
-                            augment_splits=(), skip_bad_images=config.skip_bad_images)
+    source = sources.source_for(root, config.cache_dir, splits=(config.split,))
+    if source.class_names != meta.class_names:
+        raise DataError(f"--data_dir {root}: the class folders of {config.split}/ {list(source.class_names)} are not "
+                        f"the checkpoint's classes {list(meta.class_names)} (same names, same order required)")
+    return data.load_splits(source, image_size=meta.image_size, cache_dir=config.cache_dir, augment_splits=(),
+                            skip_bad_images=config.skip_bad_images)
 
 
 def _top1(model, variables, view, images, batch_size: int, mesh) -> np.ndarray:

@@ -161,26 +161,26 @@ def assert_same_history(got: list[dict], want: list[dict], rtol: float, atol: fl
 
 
 def events_by_tag_and_step(logdir, purge: bool = True) -> dict[str, dict[int, list[float]]]:
-    """The scalars of the event files under ``logdir`` (``kdjax.report.read_scalars``): tag ->
+    """The scalars of the event files under ``logdir`` (``kdjax.events.read_scalars``): tag ->
     step -> every value written there, in order; with ``purge`` what TensorBoard shows."""
-    from kdjax import report
+    from kdjax import events
 
     grouped: dict[str, dict[int, list[float]]] = {}
-    for tag, step, value in report.read_scalars(logdir, purge=purge):
+    for tag, step, value in events.read_scalars(logdir, purge=purge):
         grouped.setdefault(tag, {}).setdefault(step, []).append(value)
     return grouped
 
 
 def assert_events_hold(logdir, history: list[dict], purge: bool = True) -> None:
     """The event files under ``logdir`` hold each record of ``history`` once (every tag of
-    ``kdjax.report.record_scalars``, at step = its epoch, to float32) and nothing else; with
+    ``kdjax.events.record_scalars``, at step = its epoch, to float32) and nothing else; with
     ``purge=False`` even without TensorBoard's purging of restarted runs."""
     import pytest
 
-    from kdjax import report
+    from kdjax import events
 
     scalars = events_by_tag_and_step(logdir, purge)
-    want = {r["epoch"]: report.record_scalars(r) for r in history}
+    want = {r["epoch"]: events.record_scalars(r) for r in history}
     assert set(scalars) == set(want[history[0]["epoch"]]), logdir
     for tag, by_step in scalars.items():
         assert sorted(by_step) == sorted(want), (logdir, tag)
@@ -216,11 +216,11 @@ def watch_events(monkeypatch, logdir_of, seen: list, stop_at: int | None = None)
 
 def assert_shown_as_epochs_end(seen: list) -> None:
     """Each ``watch_events`` sighting shows its record's epoch, with the record's values."""
-    from kdjax import report
+    from kdjax import events
 
     assert seen
     for record, shown in seen:
-        for tag, value in report.record_scalars(record).items():
+        for tag, value in events.record_scalars(record).items():
             assert shown[tag][record["epoch"]] == [pytest.approx(value, rel=1e-6)], (tag, record["epoch"])
 
 
@@ -260,3 +260,15 @@ def release_memory_after_each_file():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def train_batch(arrays, indices, mask, seed, epoch, image_size):
+    """``kdjax.data.train_views`` of the examples ``indices`` [B] of a device-resident split
+    ``arrays`` (``TrainArrays``), gathered with ``take_rows``: a training batch as the engine's
+    step builds it from a split held in memory. Pure and jit-able (``image_size`` static)."""
+    from kdjax import data
+
+    return data.train_views(data.take_rows(arrays, indices), indices, mask, seed, epoch, image_size)

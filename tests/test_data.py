@@ -13,12 +13,12 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from conftest import write_image
+from conftest import train_batch, write_image
 from kdjax import data, sharding
 from kdjax.data import decode_cache, transforms
 from kdjax.data.folder import DataError
 
-_train_batch = jax.jit(data.train_batch, static_argnames=("image_size", "crop"))
+_train_batch = jax.jit(train_batch, static_argnames=("image_size",))
 _eval_batch = jax.jit(data.eval_batch)
 
 
@@ -181,7 +181,8 @@ def test_the_first_bad_image_stops_a_cold_prepare(image_folder, tmp_path, monkey
     root = _bad_folder(image_folder)
     decoded = []
     real = decode_cache.decode_example
-    monkeypatch.setattr(decode_cache, "decode_example", lambda path, *a: decoded.append(path) or real(path, *a))
+    monkeypatch.setattr(decode_cache, "decode_example",
+                        lambda source, name, *a: decoded.append(name) or real(source, name, *a))
     for _ in range(2):
         with pytest.raises(DataError) as err:
             data.load_splits(root, cache_dir=tmp_path / "cache", image_size=32)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, write_image
 from kdjax import data
-from kdjax.data import decode_cache, transforms
+from kdjax.data import decode_cache, folder, transforms
 
 SPEC = {"train": {"ants": 3, "bees": 2}, "val": {"ants": 2, "bees": 2}}
 
@@ -64,13 +64,13 @@ def test_a_changed_file_gives_a_new_cache(image_folder, tmp_path, count_decodes,
 @pytest.fixture
 def count_digests(monkeypatch):
     calls = []
-    real = decode_cache.tree_digest
+    real = folder.tree_digest
 
     def counting(root, *args, **kwargs):
         calls.append(root)
         return real(root, *args, **kwargs)
 
-    monkeypatch.setattr(decode_cache, "tree_digest", counting)
+    monkeypatch.setattr(folder, "tree_digest", counting)  # what a folder source's digest calls
     return calls
 
 

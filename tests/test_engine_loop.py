@@ -16,7 +16,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import as_teacher, child_command, child_env, make_image_folder, read_history, read_metrics, varied_size
+from conftest import (
+    as_teacher,
+    child_command,
+    child_env,
+    make_image_folder,
+    read_history,
+    read_metrics,
+    train_batch,
+    varied_size,
+)
 from kdjax import checkpoint, data, engine, models
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.predict import predict_files
@@ -149,7 +158,7 @@ def test_bfloat16_runs_teacher_and_student_in_bfloat16_with_float32_state(datase
     spec32 = engine.step.step_spec_for(_config(), dataset, "resnet18", teacher)
     assert spec32.teacher.dtype == jnp.float32
     state = engine.step.create_train_state(_student(), spec)
-    batch = data.train_batch(dataset["train"].train, np.arange(4), np.ones(4, bool), 0, 0, 32)
+    batch = train_batch(dataset["train"].train, np.arange(4), np.ones(4, bool), 0, 0, 32)
     hparams = engine.hparams_for(_config())
     new16, m16 = engine.train_step(state, teacher.variables, batch, hparams, spec)
     _, m32 = engine.train_step(state, teacher.variables, batch, hparams, spec32)

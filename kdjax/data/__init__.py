@@ -1,9 +1,10 @@
-"""The input pipeline: an ImageFolder index, its decode cache, torchvision's transforms, the
-on-device augmentation and fixed-shape masked batches.
+"""The input pipeline: a data source (an ImageFolder tree), its decode cache, torchvision's
+transforms, the on-device augmentation and fixed-shape masked batches.
 
     folder        scan an ImageFolder tree (torchvision's rules), digest it
     hymenoptera   the study's data set: checksummed download and extraction
-    decode_cache  decode once into a tfds array_record cache keyed by the tree's digest
+    sources       a dataset before decoding, the registry of its kinds, --data_dir -> a source
+    decode_cache  decode a source once into a tfds array_record cache keyed by its content
     transforms    torchvision's eval view (Resize + CenterCrop) on the host
     augment       RandomResizedCrop + flip + Normalize on the device, counter-based keys
     batches       load the splits (held in memory or read on demand), epoch orders, batches
@@ -20,7 +21,7 @@ import importlib
 _LAZY = {
     "Batch": "batches", "Dataset": "batches", "EvalArrays": "batches", "Split": "batches",
     "TrainArrays": "batches", "epoch_order": "batches", "eval_batch": "batches",
-    "load_splits": "batches", "train_batch": "batches", "put_batch": "batches",
+    "load_splits": "batches", "LoadOptions": "batches", "put_batch": "batches",
     "put_epoch_order": "batches", "put_replicated": "batches", "take_rows": "batches",
     "train_views": "batches", "decide_in_memory": "batches", "IN_MEMORY_CHOICES": "batches",
     "DataError": "folder",

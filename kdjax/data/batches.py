@@ -1,8 +1,9 @@
 """The input pipeline: decoded splits, held on the device or read on demand, and fixed-shape
 padded and masked batches.
 
-``load_splits`` scans an ImageFolder tree (or downloads hymenoptera), opens its decode cache
-(``kdjax.data.decode_cache``) and returns a ``Dataset`` of ``Split``s. Every split knows its
+``load_splits`` opens a data source (``kdjax.data.sources``: an ImageFolder tree, or hymenoptera
+downloaded), its decode cache (``kdjax.data.decode_cache``) and returns a ``Dataset`` of
+``Split``s. Every split knows its
 records (``SplitRecords``: names, labels, sizes) and reads any of them on demand (``Split.
 train_rows``, ``Split.eval_images``: what ``kdjax.data.stream`` feeds). Held in memory
 (``--data_in_memory``, ``decide_in_memory``), a split also carries host arrays ready to be
@@ -14,8 +15,8 @@ placed once on the device(s):
 
 Per epoch, ``epoch_order`` gives ``[num_batches, batch_size]`` dataset indices and a mask: the
 last partial batch is padded, so shapes never change and every example counts exactly once.
-``train_views`` (of rows gathered on the device by ``take_rows``, or read by a stream),
-``train_batch`` and ``eval_batch`` are pure and jit-able (also inside ``lax.scan``); the view of
+``train_views`` (of rows gathered on the device by ``take_rows``, or read by a stream) and
+``eval_batch`` are pure and jit-able (also inside ``lax.scan``); the view of
 an example depends only on (seed, epoch, example index), see ``kdjax.data.augment``.
 """
 
@@ -32,14 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax.data import augment, decode_cache, hymenoptera
-from kdjax.data.folder import (
-    DEFAULT_SPLITS,
-    IMG_EXTENSIONS,
-    DataError,
-    ignored_notice,
-    scan_image_folder,
-)
+from kdjax.data import augment, decode_cache, sources
+from kdjax.data.folder import DEFAULT_SPLITS, IMG_EXTENSIONS, DataError
 from kdjax.sharding import (
     batch_sharding,
     check_batch_size,
@@ -217,74 +212,101 @@ def _unreadable_list(bad: Sequence[str]) -> str:
     return "\n  " + named + (f"\n  ... and {more} more" if more > 0 else "")
 
 
-def load_splits(
-    data_dir: os.PathLike | str | None,
-    *,
-    image_size: int = 224,
-    cache_dir: os.PathLike | str | None = None,
-    max_side: int = decode_cache.DEFAULT_MAX_SIDE,
-    skip_bad_images: bool = False,
-    splits: Sequence[str] = DEFAULT_SPLITS,
-    augment_splits: Sequence[str] = ("train",),
-    extensions: Sequence[str] = IMG_EXTENSIONS,
-    in_memory: str | bool = "auto",
-    verify_data: bool = False,
-) -> Dataset:
-    """Decoded ``splits`` of the ImageFolder tree ``data_dir`` (``None``: hymenoptera, fetched
-    into ``cache_dir/downloads``), plus its ``test/`` split where there is one; ``cache_dir``
-    defaults to ``$KDJAX_CACHE/datasets``.
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How ``load_splits`` reads a dataset (its keywords, one per field).
 
-    ``in_memory`` (``--data_in_memory``): ``auto``/``on``/``off`` (``decide_in_memory``); a
-    streamed dataset holds only its records' index on the host and reads examples on demand.
-    ``verify_data`` digests every file's bytes even when the tree's fingerprint is known.
-
-    Raises ``DataError`` for a malformed tree or unreadable images (unless ``skip_bad_images``,
-    which leaves them out and lists them in a warning), ``kdjax.fetch.DownloadError`` when the
-    download is impossible.
+    ``splits`` and ``extensions`` choose what is read of a ``--data_dir`` (a source already holds
+    its own); ``cache_dir`` defaults to ``$KDJAX_CACHE/datasets``; ``in_memory``
+    (``--data_in_memory``): ``auto``/``on``/``off`` (``decide_in_memory``); ``verify_data``
+    digests every file's bytes even when the source's fingerprint is known. The sequences are
+    kept as tuples.
     """
-    cache_dir = decode_cache.default_cache_dir() if cache_dir is None else pathlib.Path(cache_dir)
-    unknown = sorted(set(augment_splits) - set(splits))
+
+    image_size: int = 224
+    cache_dir: os.PathLike | str | None = None
+    max_side: int = decode_cache.DEFAULT_MAX_SIDE
+    skip_bad_images: bool = False
+    splits: tuple[str, ...] = DEFAULT_SPLITS
+    augment_splits: tuple[str, ...] = ("train",)
+    extensions: tuple[str, ...] = IMG_EXTENSIONS
+    in_memory: str | bool = "auto"
+    verify_data: bool = False
+
+    def __post_init__(self):
+        for name in ("splits", "augment_splits", "extensions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.in_memory, bool) and self.in_memory not in IN_MEMORY_CHOICES:
+            raise ValueError(f"--data_in_memory {self.in_memory!r}: choose one of {', '.join(IN_MEMORY_CHOICES)}")
+
+
+def _source(data: sources.DataSource | os.PathLike | str | None, options: LoadOptions,
+            cache_dir: pathlib.Path) -> sources.DataSource:
+    """``data`` as a source, after checking ``options`` against it (before any download or scan)."""
+    is_location = data is None or isinstance(data, (str, os.PathLike))
+    defaults = LoadOptions()
+    if not is_location and (options.splits, options.extensions) != (defaults.splits, defaults.extensions):
+        raise ValueError(f"load_splits: the source {data.root} holds its splits {list(data.split_names)} and "
+                         "reading rules; choose splits and extensions where it is opened (sources.source_for)")
+    splits = options.splits if is_location else data.split_names
+    unknown = sorted(set(options.augment_splits) - set(splits))
     if unknown:
         raise ValueError(f"augment_splits {unknown} are not among the loaded splits {list(splits)}")
-    if not isinstance(in_memory, bool) and in_memory not in IN_MEMORY_CHOICES:
-        raise ValueError(f"--data_in_memory {in_memory!r}: choose one of {', '.join(IN_MEMORY_CHOICES)}")
-    root = hymenoptera.fetch_hymenoptera(cache_dir / "downloads") if data_dir is None else data_dir
-    index = scan_image_folder(root, splits, extensions)
-    notice = ignored_notice(index)
+    return sources.source_for(data, cache_dir, options.splits, options.extensions) if is_location else data
+
+
+def load_splits(data: sources.DataSource | os.PathLike | str | None, options: LoadOptions | None = None,
+                **keywords) -> Dataset:
+    """Decoded splits of ``data``: a ``sources.DataSource``, or a ``--data_dir`` (``None``:
+    hymenoptera, fetched into ``<cache_dir>/downloads``; a folder: the ImageFolder tree's
+    ``splits``, plus its ``test/`` split where there is one). ``options`` and ``keywords`` (the
+    fields of ``LoadOptions``, which override ``options``) say how.
+
+    A streamed dataset (``in_memory``) holds only its records' index on the host and reads
+    examples on demand. Raises ``DataError`` for a malformed tree or unreadable images (unless
+    ``skip_bad_images``, which leaves them out and lists them in a warning),
+    ``kdjax.fetch.DownloadError`` when the download is impossible.
+    """
+    options = dataclasses.replace(options or LoadOptions(), **keywords)
+    cache_dir = decode_cache.default_cache_dir() if options.cache_dir is None else pathlib.Path(options.cache_dir)
+    source = _source(data, options, cache_dir)
+    notice = source.notice()
     if notice:
         log.warning(notice)
     spec = decode_cache.CacheSpec(
-        image_size=image_size, max_side=max_side, augment_splits=tuple(augment_splits)
+        image_size=options.image_size, max_side=options.max_side, augment_splits=options.augment_splits
     )
-    prepared = decode_cache.prepare(index, spec, cache_dir, extensions, skip_bad_images=skip_bad_images,
-                                    verify=verify_data)
+    prepared = decode_cache.prepare(source, spec, cache_dir, skip_bad_images=options.skip_bad_images,
+                                    verify=options.verify_data)
 
-    bad = [entry for split in index.files for entry in prepared.unreadable.get(split, ())]
-    if bad and not skip_bad_images:
+    bad = [entry for split in source.examples for entry in prepared.unreadable.get(split, ())]
+    if bad and not options.skip_bad_images:
         raise DataError(
-            f"{len(bad)} unreadable image file(s) under {index.root}:" + _unreadable_list(bad)
+            f"{len(bad)} unreadable image file(s) under {source.root}:" + _unreadable_list(bad)
             + "\nRepair or remove them, or pass --skip_bad_images to train without them."
         )
     if bad:
         log.warning("--skip_bad_images: left out %d unreadable image file(s):%s", len(bad), _unreadable_list(bad))
 
     loaded = {
-        s: Split(s, prepared.records[s], prepared.sources[s], s in augment_splits, None, None) for s in index.files
+        s: Split(s, prepared.records[s], prepared.sources[s], s in options.augment_splits, None, None)
+        for s in source.examples
     }
     for s, split in loaded.items():
-        counts = np.bincount(split.labels, minlength=len(index.class_names))
-        empty = [index.class_names[c] for c in np.flatnonzero(counts == 0)]
+        counts = np.bincount(split.labels, minlength=len(source.class_names))
+        empty = [source.class_names[c] for c in np.flatnonzero(counts == 0)]
         if empty:
             raise DataError(
-                f"class folder(s) {', '.join(str(index.root / s / c) for c in empty)} have no "
+                f"class folder(s) {', '.join(str(source.root / s / c) for c in empty)} have no "
                 "readable image left after --skip_bad_images; add images or remove the class "
                 "from every split."
             )
-    held = decide_in_memory(in_memory, sum(split.in_memory_bytes(image_size) for split in loaded.values()))
+    held = decide_in_memory(options.in_memory,
+                            sum(split.in_memory_bytes(options.image_size) for split in loaded.values()))
     if held:
         loaded = {s: _loaded(split) for s, split in loaded.items()}
-    return Dataset(index.root, index.class_names, loaded, prepared.path, prepared.decoded, held, prepared.digested,
-                   prepared.identity)
+    return Dataset(source.root, source.class_names, loaded, prepared.path, prepared.decoded, held,
+                   prepared.digested, prepared.identity)
 
 
 def epoch_order(
@@ -334,19 +356,6 @@ def train_views(
     images = augment.train_views(
         seed, epoch, jnp.asarray(indices), rows.canvas, rows.sizes, rows.orig_sizes, image_size, crop)
     return Batch(images, jnp.asarray(rows.labels), jnp.asarray(mask))
-
-
-def train_batch(
-    arrays: TrainArrays,
-    indices: jax.Array,
-    mask: jax.Array,
-    seed,
-    epoch,
-    image_size: int,
-    crop: augment.CropConfig = augment.CropConfig(),
-) -> Batch:
-    """``train_views`` of the examples ``indices`` [B] of a device-resident split ``arrays``."""
-    return train_views(take_rows(arrays, indices), indices, mask, seed, epoch, image_size, crop)
 
 
 def eval_batch(arrays: EvalArrays, indices: jax.Array, mask: jax.Array) -> Batch:

@@ -1,20 +1,23 @@
-"""Decode an ImageFolder tree once into a tensorflow-datasets (array_record) cache.
+"""Decode a data source (``kdjax.data.sources``: today an ImageFolder tree) once into a
+tensorflow-datasets (array_record) cache.
 
 ``prepare`` writes one array_record file per split, example by example, with tfds' feature
 serialisation and its ``dataset_info.json`` (``tfds.folder_dataset.write_metadata``), and reads
 it back with tfds' data-source API, which needs neither TensorFlow nor ``tf.data`` (tfds' own
 ``ImageFolder`` builder does). tfds' ``GeneratorBasedBuilder`` is not used to write: its writer
-holds up to 1 GB of a split in memory and spills the rest through ``tf.io.gfile``, i.e. it needs
-TensorFlow for any split over 1 GB (5,000 320x240 photos). Each example stores:
+holds up to 1 GB of a split in memory (``tfds.core.shuffle.MAX_MEM_BUFFER_SIZE``) and spills the
+rest through ``tf.io.gfile``, i.e. it needs TensorFlow for any split bigger than that (what real
+trees weigh: benchmarks/README.md "Streaming input"). Each example stores:
 
-- ``image``: the full decode (``transforms.load_rgb``), shrunk with PIL bilinear (antialiased)
-  so that its longer side is at most ``max_side``; the training crops are cut from it on the
-  device, in the coordinates of the original image (``kdjax.data.augment``); splits that are not
-  augmented (``CacheSpec.augment_splits``, default all but train) store a 1x1 placeholder;
+- ``image``: the full decode (``DataSource.read``: a file's ``transforms.load_rgb``), shrunk
+  with PIL bilinear (antialiased) so that its longer side is at most ``max_side``; the training
+  crops are cut from it on the device, in the coordinates of the original image
+  (``kdjax.data.augment``); splits that are not augmented (``CacheSpec.augment_splits``, default
+  all but train) store a 1x1 placeholder;
 - ``eval_image``: torchvision's exact evaluation view (Resize + CenterCrop) at ``image_size``,
   computed from the ORIGINAL full-resolution decode;
-- ``label``, ``filename`` (relative to the data folder), ``orig_size`` (h, w) and ``index``
-  (the position in torchvision's file order).
+- ``label``, ``filename`` (the example's name: a tree's path relative to its folder),
+  ``orig_size`` (h, w) and ``index`` (the position in torchvision's file order).
 
 Fidelity of the capped image: a RandomResizedCrop crop is cut from ``image``, so a crop that
 covers few source pixels is limited by the cache's resolution rather than the source's. With
@@ -24,11 +27,12 @@ downsamples the 640 px). Crops are only affected where the source is larger than
 hymenoptera's 398 files; 4 training images) and the crop holds fewer than ``image_size`` cached
 pixels; every image no larger than the cap is stored losslessly at full resolution.
 
-The cache lives in ``<cache_dir>/<key>/`` where the key digests the source tree's content
-(``tree_digest``: relative paths and file bytes), the split and extension lists, the sizes and
-``FORMAT_VERSION``: any change to a file prepares a new cache. Reading every byte at every
-launch would cost minutes on a big tree, so ``<cache_dir>/fingerprints/`` maps the tree's
-``tree_fingerprint`` (names, sizes, mtimes: one ``stat`` per file) to the content key: a warm
+The cache lives in ``<cache_dir>/<key>/`` where the key digests the source's content
+(``DataSource.digest``, a tree's ``tree_digest``: relative paths and file bytes), its
+``key_fields`` (a tree's split and extension lists), the sizes and ``FORMAT_VERSION``: any change
+to a file prepares a new cache. Reading every byte at every launch would cost minutes on a big
+tree, so ``<cache_dir>/fingerprints/`` maps the source's ``fingerprint`` (a tree's
+``tree_fingerprint``: names, sizes, mtimes, one ``stat`` per file) to the content key: a warm
 start reads no file, a new fingerprint (a changed, copied or moved tree) digests the content
 once, and ``--verify_data`` digests it at every start (an edit that kept size and mtime). The
 key is the content, not the place, so a copied or moved tree reuses the cache of the original.
@@ -67,7 +71,8 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from kdjax import console
 from kdjax.data import transforms
-from kdjax.data.folder import DataError, FolderIndex, tree_digest, tree_fingerprint
+from kdjax.data.folder import DataError
+from kdjax.data.sources import DataSource
 
 # Bump when what is stored, or how it is computed, changes: it is part of every cache key.
 FORMAT_VERSION = "1.2.0"  # 1.1.0: unreadable files recorded by relative path; 1.2.0: records index
@@ -102,15 +107,16 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(root).expanduser() / "datasets"
 
 
-def cache_key(index: FolderIndex, spec: CacheSpec, extensions: Sequence[str], tree: str,
-              version: str = FORMAT_VERSION) -> str:
-    """The cache's name: ``tree`` (the source's ``tree_digest``, or its ``tree_fingerprint`` for
-    the record that maps fingerprints to caches) with everything that changes what is stored."""
+def cache_key(source: DataSource, spec: CacheSpec, tree: str, version: str = FORMAT_VERSION) -> str:
+    """The cache's name: ``tree`` (the source's ``digest``, or its ``fingerprint`` for the record
+    that maps fingerprints to caches) with everything that changes what is stored. For a tree the
+    payload is format, tree, splits, extensions (sorted, lower case), the sizes and the augmented
+    splits; runs record a key of it (``PreparedCache.identity``), so it must stay as it is for the
+    same tree (tests/test_data_sources.py re-derives it)."""
     payload = {
+        **source.key_fields(),
         "format": version,
         "tree": tree,
-        "splits": list(index.files),
-        "extensions": sorted(e.lower() for e in extensions),
         "image_size": spec.image_size,
         "resize_size": spec.eval_resize,
         "max_side": spec.max_side,
@@ -128,9 +134,10 @@ def shrink_to(img: Image.Image, max_side: int) -> Image.Image:
     return img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
 
 
-def decode_example(path: os.PathLike | str, spec: CacheSpec, train_view: bool) -> dict:
-    """The stored arrays of one image file; raises ``transforms.ImageReadError`` naming it."""
-    img = transforms.load_rgb(path)
+def decode_example(source: DataSource, name: str, spec: CacheSpec, train_view: bool) -> dict:
+    """The stored arrays of the example ``name`` of ``source``; raises
+    ``transforms.ImageReadError`` naming it."""
+    img = source.read(name)
     w, h = img.size
     stored = shrink_to(img, spec.max_side) if train_view else None
     return {
@@ -196,24 +203,23 @@ def is_prepared(path: pathlib.Path) -> bool:
     return (path / INDEX_FILE).is_file() and (_data_dir(path) / "dataset_info.json").is_file()
 
 
-def _write_split(writer_path: pathlib.Path, split: str, entries, index: FolderIndex, spec: CacheSpec, features,
+def _write_split(writer_path: pathlib.Path, split: str, entries, source: DataSource, spec: CacheSpec, features,
                  stop_on_unreadable: bool, progress: Callable[[int], object]) -> tuple[dict, list, int, int]:
     """Decode ``entries`` into one array_record file, example by example (bounded memory: tfds'
     own writer buffers a split in memory, and past 1 GB spills it through TensorFlow)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     train_view = split in spec.augment_splits
-    root = index.root
 
     def decode(entry):
-        path = root / entry[0]
+        name = entry[0]
         try:
-            return decode_example(path, spec, train_view)
+            return decode_example(source, name, spec, train_view)
         except transforms.ImageReadError as err:
             if stop_on_unreadable:
                 raise DataError(f"{err}\n{UNREADABLE_HINT}") from err
             # "<path>: cannot read image (<reason>)", where PIL's reason may name the path too
-            return transforms.ImageReadError(str(err).replace(str(path), _FILE))
+            return transforms.ImageReadError(str(err).replace(source.location(name), _FILE))
 
     records = {"filename": [], "label": [], "size": [], "orig_size": []}
     unreadable: list[dict] = []
@@ -238,29 +244,29 @@ def _write_split(writer_path: pathlib.Path, split: str, entries, index: FolderIn
     return records, unreadable, written, num_bytes
 
 
-def write_cache(path: pathlib.Path, index: FolderIndex, spec: CacheSpec, *, identity: str,
+def write_cache(path: pathlib.Path, source: DataSource, spec: CacheSpec, *, identity: str,
                 stop_on_unreadable: bool, progress: Callable[[int], object]) -> None:
-    """Decode every split of ``index`` into the cache ``path``: array_record files that tfds'
+    """Decode every split of ``source`` into the cache ``path``: array_record files that tfds'
     data-source API reads (its ``dataset_info.json`` beside them) and ``INDEX_FILE``. Written in
     a temporary folder renamed into place when complete, so an interrupted or failed prepare
     leaves nothing that looks prepared."""
-    features = features_for(spec, index.class_names)
+    features = features_for(spec, source.class_names)
     tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     data_dir = _data_dir(tmp)
     data_dir.mkdir(parents=True)
     try:
         split_infos, all_records, all_unreadable = [], {}, {}
-        for split, entries in index.files.items():
+        for split, entries in source.examples.items():
             shard = data_dir / f"{NAME}-{split}.array_record-00000-of-00001"
-            records, unreadable, n, num_bytes = _write_split(shard, split, entries, index, spec, features,
+            records, unreadable, n, num_bytes = _write_split(shard, split, entries, source, spec, features,
                                                              stop_on_unreadable, progress)
             split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=num_bytes))
             all_records[split], all_unreadable[split] = records, unreadable
         tfds.folder_dataset.write_metadata(
             data_dir=data_dir, features=features, split_infos=split_infos, check_data=False,
             filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", disable_shuffling=True)
-        index_json = {"source": str(index.root), "identity": identity, "records": all_records,
+        index_json = {"source": str(source.root), "identity": identity, "records": all_records,
                       "unreadable": all_unreadable}
         (tmp / INDEX_FILE).write_text(json.dumps(index_json))
         if path.exists() and not is_prepared(path):
@@ -297,7 +303,7 @@ class PreparedCache:
     path: pathlib.Path
     sources: Mapping[str, object]  # split -> tfds ArrayRecordDataSource (random access)
     records: Mapping[str, SplitRecords]
-    # split -> "<path>: <reason>" per skipped file, <path> under the index passed to ``prepare``
+    # split -> "<path>: <reason>" per skipped file, <path> under the source passed to ``prepare``
     unreadable: Mapping[str, tuple[str, ...]]
     decoded: bool  # True when this call decoded the images (a cold cache)
     digested: bool  # True when this call read every file's bytes (a new or verified tree)
@@ -345,13 +351,13 @@ def _fingerprint_record(cache_dir: pathlib.Path, fast_key: str) -> pathlib.Path:
 DIGEST_NOTICE_BYTES = 256 << 20
 
 
-def _content_digest(index: FolderIndex, num_files: int, num_bytes: int) -> str:
+def _content_digest(source: DataSource, num_files: int, num_bytes: int) -> str:
     if num_bytes <= DIGEST_NOTICE_BYTES:
-        return tree_digest(index.root)
-    console.line(f"kdjax: reading the {num_files} files ({num_bytes / 1e9:.1f} GB) under {index.root} to identify "
+        return source.digest()
+    console.line(f"kdjax: reading the {num_files} files ({num_bytes / 1e9:.1f} GB) under {source.root} to identify "
                  "them (once per change of the tree; --verify_data does it on every start)")
     with console.bar(total=num_files, desc="digest", unit="file") as bar:
-        return tree_digest(index.root, progress=bar.update)
+        return source.digest(progress=bar.update)
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -362,18 +368,17 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def prepare(
-    index: FolderIndex,
+    source: DataSource,
     spec: CacheSpec,
     cache_dir: os.PathLike | str,
-    extensions: Sequence[str],
     *,
     skip_bad_images: bool = False,
     verify: bool = False,
 ) -> PreparedCache:
-    """Open the cache for ``index`` under ``cache_dir``, decoding the images if it is cold.
+    """Open the cache for ``source`` under ``cache_dir``, decoding the images if it is cold.
 
-    Finding the cache reads no file's bytes when the tree's ``tree_fingerprint`` (names, sizes,
-    mtimes) was seen before: ``<cache_dir>/fingerprints/`` maps it to the content key. A new
+    Finding the cache reads no file's bytes when the source's ``fingerprint`` (a tree's names,
+    sizes, mtimes) was seen before: ``<cache_dir>/fingerprints/`` maps it to the content key. A new
     fingerprint (a new, changed, copied or moved tree), or ``verify``, computes the content digest,
     so a copied tree still finds the cache of the original. A cold cache prints one line saying
     what is decoded from where into where, then a progress bar over the images, on stderr; a warm
@@ -381,8 +386,8 @@ def prepare(
     prepare with a ``DataError`` naming it, and nothing is written.
     """
     cache_dir = pathlib.Path(cache_dir).expanduser().absolute()
-    fingerprint, num_files, num_bytes = tree_fingerprint(index.root)
-    record = _fingerprint_record(cache_dir, cache_key(index, spec, extensions, fingerprint))
+    fingerprint, num_files, num_bytes = source.fingerprint()
+    record = _fingerprint_record(cache_dir, cache_key(source, spec, fingerprint))
     key = None
     if record.is_file() and not verify:
         key = json.loads(record.read_text())["key"]
@@ -391,27 +396,27 @@ def prepare(
     digested = key is None
     identity = None
     if digested:
-        content = _content_digest(index, num_files, num_bytes)
-        key = cache_key(index, spec, extensions, content)[:24]
-        identity = cache_key(index, spec, extensions, content, CONTENT_VERSION)[:24]
+        content = _content_digest(source, num_files, num_bytes)
+        key = cache_key(source, spec, content)[:24]
+        identity = cache_key(source, spec, content, CONTENT_VERSION)[:24]
     path = cache_dir / key
     decoded = not is_prepared(path)
     if decoded:
-        total = sum(len(entries) for entries in index.files.values())
-        console.line(f"kdjax: decoding {total} images of {index.root} into {path} (once; later runs read the cache)")
+        total = sum(len(entries) for entries in source.examples.values())
+        console.line(f"kdjax: decoding {total} images of {source.root} into {path} (once; later runs read the cache)")
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _quiet_tfds(), console.bar(total=total, desc="decoding", unit="image") as bar:
-            write_cache(path, index, spec, identity=identity, stop_on_unreadable=not skip_bad_images,
+            write_cache(path, source, spec, identity=identity, stop_on_unreadable=not skip_bad_images,
                         progress=bar.update)
     with _quiet_tfds():
         sources = tfds.builder_from_directory(_data_dir(path)).as_data_source()
     stored = json.loads((path / INDEX_FILE).read_text())
     if digested:
-        _write_atomic(record, json.dumps({"key": key, "source": str(index.root)}))
+        _write_atomic(record, json.dumps({"key": key, "source": str(source.root)}))
     recorded = stored["unreadable"]
     unreadable = {
         split: tuple(
-            bad["message"].replace(_FILE, str(index.root / bad["file"])) for bad in entries
+            bad["message"].replace(_FILE, source.location(bad["file"])) for bad in entries
         )
         for split, entries in recorded.items()
     }

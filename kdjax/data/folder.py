@@ -4,7 +4,9 @@ Classes are the sorted sub-folder names of a split, files are listed in torchvis
 (sorted ``os.walk`` inside each class folder, links followed), and only torchvision's image
 extensions count, case-insensitively. Everything else under a split is reported, never silently
 dropped: structural problems raise ``DataError`` naming the folder, unsupported files are counted
-in a one-line notice.
+in a one-line notice. ``open_folder`` gives a scanned tree as a data source (``FolderSource``,
+see ``kdjax.data.sources``), identified by its content (``tree_digest``) or, cheaply, by its
+files' names, sizes and mtimes (``tree_fingerprint``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import os
 import pathlib
 from typing import Callable, Mapping, Sequence
 
+from PIL import Image
+
+from kdjax.data import transforms
 from kdjax.fetch import sha256_file
 
 # torchvision.datasets.folder.IMG_EXTENSIONS; `.gif` is deliberately absent (the seed's 244).
@@ -181,3 +186,63 @@ def tree_fingerprint(root: os.PathLike | str) -> tuple[str, int, int]:
     for rel, size, mtime in sorted(entries):
         digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest(), len(entries), sum(size for _, size, _ in entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+    """A scanned ImageFolder tree as a data source (``kdjax.data.sources.DataSource``): examples
+    are named by their path relative to ``root``, read with ``transforms.load_rgb`` and
+    identified by the tree's content."""
+
+    index: FolderIndex
+    extensions: tuple[str, ...]  # the image extensions the scan read: part of the cache key
+
+    @property
+    def root(self) -> pathlib.Path:
+        return self.index.root
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.index.class_names
+
+    @property
+    def examples(self) -> Mapping[str, tuple[tuple[str, int], ...]]:
+        return self.index.files
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(self.index.files)
+
+    def location(self, name: str) -> str:
+        """Where the example ``name`` lies, as messages (and ``read``'s errors) name it."""
+        return str(self.root / name)
+
+    def read(self, name: str) -> Image.Image:
+        """The example's full decode in RGB; raises ``transforms.ImageReadError`` naming its file."""
+        return transforms.load_rgb(self.root / name)
+
+    def key_fields(self) -> dict:
+        """What the decode cache's key holds of the source besides its content digest."""
+        return {"splits": list(self.index.files), "extensions": sorted(e.lower() for e in self.extensions)}
+
+    def fingerprint(self) -> tuple[str, int, int]:
+        """``tree_fingerprint``: one ``stat`` per file, no byte read."""
+        return tree_fingerprint(self.root)
+
+    def digest(self, progress: Callable[[int], object] | None = None) -> str:
+        """``tree_digest``: every file's bytes."""
+        return tree_digest(self.root, progress)
+
+    def notice(self) -> str | None:
+        """``ignored_notice``: what the scan left out, in one line."""
+        return ignored_notice(self.index)
+
+
+def open_folder(
+    root: os.PathLike | str,
+    splits: Sequence[str] = DEFAULT_SPLITS,
+    extensions: Sequence[str] = IMG_EXTENSIONS,
+) -> FolderSource:
+    """The ImageFolder tree ``root`` as a data source: ``scan_image_folder``'s splits (``test/``
+    too where it exists), classes and files; raises ``DataError`` on a malformed tree."""
+    return FolderSource(scan_image_folder(root, splits, extensions), tuple(extensions))

@@ -9,10 +9,10 @@ train_views``), keyed by (seed, epoch, example index), so a streamed epoch compu
 views, hence the same metrics, whatever the number of reader threads or processes.
 
 Why the crops stay on the device: host workers would have to reproduce the device's resampling
-to the last bit for the metrics to be path-independent, and they would be slower at it (PIL's
-crop + resize + flip took 1.58 ms per image on one thread of this 2-core CPU, on a core the step
-itself uses; benchmarks/README.md "Streaming input"). The host's work is a record read (raw
-bytes: nothing to decode) and a copy into the canvas.
+to the last bit for the metrics to be path-independent, and they would be slower at it, on cores
+the step itself uses (PIL's crop + resize + flip, measured: benchmarks/README.md "Streaming
+input", "Where to crop"). The host's work is a record read (raw bytes: nothing to decode) and a
+copy into the canvas.
 
 The read-ahead is grain's: a ``MapDataset`` over the epoch's steps, read through an
 ``IterDataset`` with ``ReadOptions(num_threads, prefetch_buffer_size)``; what is held on the
