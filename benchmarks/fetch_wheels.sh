@@ -27,7 +27,7 @@ WHEELS=(
   termcolor==3.3.0                # tfds
   toml==0.10.2                    # tfds
   importlib-resources==7.1.0      # tfds.core.dataset_builder
-  tensorboardX==2.6.5             # kdjax.report.write_tensorboard (experiments.paper)
+  tensorboardX==2.6.5             # kdjax.events (experiments.paper)
 )
 # promise 2.3 exists only as a source archive; it is pure Python, so a wheel is built here.
 SOURCE_ONLY=(promise==2.3)        # tfds' lazy imports

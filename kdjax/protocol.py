@@ -12,7 +12,7 @@ finished run is read back, an interrupted one continues from its last epoch chec
 A teacher run in W writes its events into ``W/tensorboard/`` as each epoch ends
 (``fine_tune_teacher``'s ``tensorboard_dir``; ``OUT/tensorboard/teacher`` puts the study's
 teacher beside its students under one ``tensorboard --logdir OUT/tensorboard``). The events of
-a resumed run continue its earlier ones without repeating an epoch (``report.EpochEvents``).
+a resumed run continue its earlier ones without repeating an epoch (``kdjax.events.EpochEvents``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pathlib
 
 import jax
 
-from kdjax import data, distributed, models, report, weights
+from kdjax import data, distributed, events, models, report, weights
 from kdjax.config import TrainConfig
 from kdjax.engine import EngineOptions, Run, RunResult, Teacher, loop, teachers
 
@@ -101,7 +101,7 @@ def _train_with_events(runs: list[Run], logdirs: list[pathlib.Path] | None, data
 
     A run's writer opens at its first new epoch: a resumed run's earlier records (its
     metrics.json, written before the callback) and earlier event files go to
-    ``report.EpochEvents.write``, which continues them without repeating an epoch. A run that had
+    ``kdjax.events.EpochEvents.write``, which continues them without repeating an epoch. A run that had
     finished before this call gets its events written only if its files lack epochs. The
     writers are closed however training ends, so an interrupted run keeps its events.
     """
@@ -113,12 +113,12 @@ def _train_with_events(runs: list[Run], logdirs: list[pathlib.Path] | None, data
         if k not in histories:
             histories[k] = [r for r in _history(runs[k].workdir) if r["epoch"] < record["epoch"]]
         histories[k].append(record)
-        events.write(logdirs[k], histories[k])
+        writers.write(logdirs[k], histories[k])
 
-    with report.EpochEvents() as events:
+    with events.EpochEvents() as writers:
         results = loop.train_runs(runs, dataset, on_epoch=on_epoch, **kwargs)
         for logdir, result in zip(logdirs, results):
-            events.write(logdir, result.history)
+            writers.write(logdir, result.history)
     return results
 
 

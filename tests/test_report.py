@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from conftest import assert_events_hold, events_by_tag_and_step
-from kdjax import report
+from kdjax import events as tb, report
 
 NUM_VAL = 153
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -218,22 +218,22 @@ def test_missing_optional_packages_say_what_to_install(tmp_path, runs, monkeypat
         report.plot_curves(tmp_path, runs)
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     with pytest.raises(ImportError, match="pip install tensorboardX"):
-        report.TensorBoardWriter(tmp_path)
+        tb.TensorBoardWriter(tmp_path)
 
 
 def test_tensorboard_events_read_back(tmp_path, runs):
     pytest.importorskip("tensorboardX")
     history = runs[0.5][0]
-    logdir = report.write_tensorboard(tmp_path / "tb" / "alpha0.5_run1", history)
+    logdir = tb.write_tensorboard(tmp_path / "tb" / "alpha0.5_run1", history)
     files = list(logdir.glob("events.out.tfevents*"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
     scalars = events_by_tag_and_step(logdir)
-    expected = report.record_scalars(history[0])
+    expected = tb.record_scalars(history[0])
     assert set(scalars) == set(expected)
     assert {"lr", "train/loss", "val/acc", "val/diff_t_s"} <= set(scalars)
     for r in history:
-        for tag, value in report.record_scalars(r).items():
+        for tag, value in tb.record_scalars(r).items():
             assert scalars[tag][r["epoch"]] == [pytest.approx(value, rel=1e-6)]  # stored as float32
 
 
@@ -241,7 +241,7 @@ def test_epoch_events_are_readable_at_once_and_resume_without_repeats(tmp_path, 
     pytest.importorskip("tensorboardX")
     history = make_history(11, epochs=4)
     logdir = tmp_path / "run_0"
-    events = report.EpochEvents()
+    events = tb.EpochEvents()
     events.write(logdir, history[:1])
     assert_events_hold(logdir, history[:1])  # flushed while the writer is still open
     events.write(logdir, history[:2])
@@ -250,11 +250,11 @@ def test_epoch_events_are_readable_at_once_and_resume_without_repeats(tmp_path, 
     assert len(list(logdir.iterdir())) == 1  # one file per attempt
 
     # resumed after epoch 2: a second file continues the first, no step repeated (raw files too)
-    with report.EpochEvents() as events:
+    with tb.EpochEvents() as events:
         events.write(logdir, history[:3])
         assert_events_hold(logdir, history[:3], purge=False)
     # resumed again with nothing left to train: the files are kept as they are
-    with report.EpochEvents() as events:
+    with tb.EpochEvents() as events:
         events.write(logdir, history[:3])
     assert len(list(logdir.iterdir())) == 2
 
@@ -263,26 +263,26 @@ def test_epoch_events_fill_what_an_earlier_attempt_missed_and_purge_what_it_outr
     pytest.importorskip("tensorboardX")
     history = make_history(12, epochs=4)
     # no events yet (a run resumed after epoch 2 whose attempt wrote none): all of its history
-    with report.EpochEvents() as events:
+    with tb.EpochEvents() as events:
         events.write(tmp_path / "none", history[:3])
     assert_events_hold(tmp_path / "none", history[:3], purge=False)
 
     # the earlier attempt's events stop at epoch 1 but its checkpoint at epoch 2: epoch 2 is filled in
-    report.write_tensorboard(tmp_path / "lag", history[:1])
-    with report.EpochEvents() as events:
+    tb.write_tensorboard(tmp_path / "lag", history[:1])
+    with tb.EpochEvents() as events:
         events.write(tmp_path / "lag", history[:3])
     assert_events_hold(tmp_path / "lag", history[:3], purge=False)
 
     # the earlier events reach epoch 4 but the run stands at 2 (other values from epoch 3 on):
     # a restart marker at step 3 hides the stale points, and the new epoch 3 is drawn once
-    report.write_tensorboard(tmp_path / "ahead", make_history(13, epochs=4))
+    tb.write_tensorboard(tmp_path / "ahead", make_history(13, epochs=4))
     replaced = history[:2] + make_history(14, epochs=3)[2:]
-    with report.EpochEvents() as events:
+    with tb.EpochEvents() as events:
         events.write(tmp_path / "ahead", replaced[:2])
         assert_events_hold(tmp_path / "ahead", make_history(13, epochs=4)[:2])
         events.write(tmp_path / "ahead", replaced)
     assert_events_hold(tmp_path / "ahead", make_history(13, epochs=4)[:2] + replaced[2:])
-    assert len(report.read_scalars(tmp_path / "ahead", purge=False)) > len(report.read_scalars(tmp_path / "ahead"))
+    assert len(tb.read_scalars(tmp_path / "ahead", purge=False)) > len(tb.read_scalars(tmp_path / "ahead"))
 
 
 def test_test_accuracies_get_their_statistics_and_columns(tmp_path, runs):
