@@ -2,10 +2,9 @@
 
 jax 0.10's XLA:CPU hands convolutions and dots to YNNPACK by default (the default list of
 ``--xla_cpu_experimental_ynn_fusion_type``). On this project's 2-core AVX-512 CPU that path is
-the slow one: with the list emptied, XLA's own kernels ran a
-ResNet-50 forward pass at 112 px (batch 32, float32) in 0.66 s instead of 1.11 s (torch 0.73 s
-and 0.85 s in the same two runs), and the 23 distinct convolutions of that network summed to
-0.50 s instead of 0.94 s. The numbers: ``benchmarks/README.md``.
+the slower one for the convolutional networks kdjax trains, so ``FLAGS`` empties the list and
+XLA's own kernels run them. The measurements, against PyTorch in the same process:
+``benchmarks/README.md``, "On this CPU".
 
 XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend; setting flags later has no
 effect. Hence a plain environment edit, done first thing by the entry points (and by the tests,

@@ -16,12 +16,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdjax.losses import cross_entropy, distillation_loss, hinton_kl, logit_mse
+from kdjax.losses import Objective, Outputs, cross_entropy, get, hinton_kl, logit_mse, total, weight_key
 
 BATCH, CLASSES = 16, 5
 ALPHAS = (0.0, 0.3, 0.5, 1.0)
 TEMPERATURES = (1.0, 2.0, 4.0)
 TOL = {"float64": 1e-12, "float32": 1e-6}
+
+
+def distillation_loss(student_logits, teacher_logits, labels, alpha, temperature, kind, mask=None):
+    """The seed's alpha blend through ``kdjax.losses.total``: ``alpha * CE + (1 - alpha) * TERM``
+    for a logit-only ``kind`` ("mse": the seed, "kd": Hinton; ``temperature`` is ignored by
+    "mse"), and the unweighted terms ``{"ce": CE, kind: TERM}``."""
+    name = get(kind).name
+    alpha = jnp.asarray(alpha)
+    hparams = {"label_smoothing": 0.0, "alpha": alpha, "temperature": temperature,
+               weight_key("ce"): alpha, weight_key(name): 1.0 - alpha}
+    return total(Objective(("ce", name)), Outputs(student_logits), Outputs(teacher_logits), labels, hparams, mask)
 
 
 def _data(seed: int = 0, batch: int = BATCH, classes: int = CLASSES):

@@ -292,33 +292,3 @@ def total(
         loss = weight * value if loss is None else loss + weight * value
     return loss, values
 
-
-def blend(
-    spec: LossSpec,
-    student: Outputs,
-    teacher: Outputs,
-    labels: jax.Array,
-    hparams: Mapping[str, jax.Array],
-    mask: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The alpha shorthand: ``alpha * CE + (1 - alpha) * term`` (``hparams["alpha"]``) for a
-    logit term ``spec``, and the unweighted terms ``{"ce": CE, name: term}``."""
-    alpha = jnp.asarray(hparams["alpha"])
-    hp = {"label_smoothing": 0.0, **hparams, weight_key("ce"): alpha, weight_key(spec.name): 1.0 - alpha}
-    return total(Objective(("ce", spec.name)), student, teacher, labels, hp, mask)
-
-
-def distillation_loss(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    alpha: float | jax.Array,
-    temperature: float | jax.Array,
-    kind: str,
-    mask: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``blend`` for a logit-only ``kind`` ("mse": the seed, "kd": Hinton), with its two
-    scalars given directly; ``temperature`` is ignored by "mse"."""
-    spec = get(kind)
-    hparams = {"alpha": alpha, "temperature": temperature}
-    return blend(spec, Outputs(student_logits), Outputs(teacher_logits), labels, hparams, mask)

@@ -52,11 +52,12 @@ def _batch_norm_by_reduce(x, scale, bias, weights, epsilon: float, dtype: Dtype,
     return normalize(x, mean, norm_var, scale, bias, epsilon, dtype), mean, var
 
 
-# XLA:CPU emits a reduction over every axis but the minor (channel) one as a slow scalar loop:
-# train-mode BatchNorm's statistics took as long as ResNet-18's convolutions, and their
-# gradients as long again. As dots (per example over the positions, then over the examples)
-# they run as GEMVs: 3-9x faster on this project's CPU, and more accurate (two short float32
-# sums instead of one long one: 4e-7 against 5e-6 relative to float64 on a 32x56x56x64 batch).
+# XLA:CPU emits a reduction over every axis but the minor (channel) one as a slow scalar loop,
+# which made train-mode BatchNorm's statistics, forward and backward, a large share of a CPU
+# training step. As dots (per example over the positions, then over the examples) they run as
+# GEMVs, and are more accurate: two short float32 sums instead of one long one (4e-7 against
+# 5e-6 relative to float64 on a 32x56x56x64 batch). The timings: benchmarks/README.md, "On this
+# CPU".
 def _example_sums(v3: jax.Array) -> jax.Array:
     """``[b, positions, c] -> [b, c]``: the sum over positions, as a batched GEMV."""
     ones = jnp.ones(v3.shape[:2], v3.dtype)
@@ -164,10 +165,10 @@ def _reduce_window_max(x, kernel: int, stride: int, padding: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_by_slices(x, kernel: int, stride: int, padding: int):
-    # Undifferentiated (the teacher, frozen backbones), XLA's own reduce-window is the fastest
-    # forward at 112 px inputs and up. Differentiated, the forward is the maximum of the
-    # strided views, which XLA fuses with the gradient below (twice as fast as with a
-    # reduce-window forward, measured at 56x56 and 112x112).
+    # Undifferentiated (the teacher, frozen backbones), the forward is XLA's own reduce-window,
+    # the faster one where no gradient follows. Differentiated, it is the maximum of the strided
+    # views, which XLA fuses with the gradient below: the pair is faster than a reduce-window
+    # forward with the same gradient (benchmarks/README.md, "On this CPU").
     return _reduce_window_max(x, kernel, stride, padding)
 
 
@@ -182,7 +183,7 @@ def _max_pool_by_slices_bwd(kernel, stride, padding, residuals, g):
     # Each window's gradient goes to its first maximal entry in scan order, as torch's CPU
     # kernel does; an entry of several windows sums theirs. Views are scattered back with
     # interior padding, so the whole gradient is one elementwise fusion instead of XLA:CPU's
-    # select-and-scatter (10-20x slower than torch at 112-224 px).
+    # select-and-scatter, which trails torch's kernel by far (benchmarks/README.md, "On this CPU").
     x, y = residuals
     out_hw, pads = _pool_geometry(x, kernel, stride, padding)
     xp = jnp.pad(x, pads, constant_values=-jnp.inf)
@@ -216,12 +217,12 @@ def max_pool(x: jax.Array, kernel: int = 3, stride: int = 2, padding: int = 1) -
 
 
 # XLA:CPU runs a grouped convolution with one channel per group (MobileNet's, EfficientNet's and
-# ConvNeXt's depthwise convolutions) as a generic loop: a 3x3 one on 32x28x28x144 took 243 ms
-# forward against torch's 2.4 ms. As k*k shifted views times a per-channel weight, fused
-# elementwise work on the channel axis, it takes 5 ms; its input gradient is the same kind of
-# work (autodiff of the views), and its weight gradient per tap a GEMV over the positions
-# (autodiff's reduction over the batch and spatial axes is the slow scalar loop that
-# ``_example_sums`` avoids): 162 ms -> see benchmarks/README.md for the whole-network figures.
+# ConvNeXt's depthwise convolutions) as a generic loop, far slower than torch's. As k*k shifted
+# views times a per-channel weight it is fused elementwise work on the channel axis; its input
+# gradient is the same kind of work (autodiff of the views), and its weight gradient per tap a
+# GEMV over the positions (autodiff's reduction over the batch and spatial axes is the slow
+# scalar loop that ``_example_sums`` avoids). The timings, of one layer and of whole networks:
+# benchmarks/README.md, "Every student architecture".
 def _depthwise_taps(x, kernel, stride: int, padding: int, dtype: Dtype):
     """``(sum over taps of view * kernel[i, j], views)``: the views of zero-padded ``x``."""
     k, _, _, c = kernel.shape

@@ -114,24 +114,27 @@ def linear(num_classes: int, fan_in: int, dtype: Dtype, **kwargs) -> nn.Dense:
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, *, name: str,
-         dtype: Dtype, groups: int = 1, bias: bool = False, dilation: int = 1,
-         kernel_init: Callable = conv_init) -> nn.Conv:
-    """torch.nn.Conv2d with explicit padding (torch's ``(kernel - 1) // 2 * dilation`` unless
-    given): flax's ``'SAME'`` pads asymmetrically for stride 2 and no longer computes torch's
-    function."""
-    pad = (kernel - 1) // 2 * dilation if padding is None else padding
-    if groups > 1 and groups == features and dilation == 1:
+         dtype: Dtype, groups: int = 1, **options) -> nn.Module:
+    """torch.nn.Conv2d with explicit padding (torch's ``(kernel - 1) // 2`` unless given): flax's
+    ``'SAME'`` pads asymmetrically for stride 2 and no longer computes torch's function.
+    ``options``: ``bias`` (default False) and ``kernel_init`` (default torchvision's ``conv_init``).
+    A depthwise convolution (``groups == features``) is ``DepthwiseConv``."""
+    bias = options.pop("bias", False)
+    kernel_init = options.pop("kernel_init", conv_init)
+    if options:
+        raise TypeError(f"conv() got unexpected options {sorted(options)}")
+    pad = (kernel - 1) // 2 if padding is None else padding
+    if groups > 1 and groups == features:
         return DepthwiseConv(features, kernel, stride, pad, bias, kernel_init, dtype, name=name)
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   kernel_dilation=(dilation, dilation), use_bias=bias, feature_group_count=groups,
-                   kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+                   use_bias=bias, feature_group_count=groups, kernel_init=kernel_init,
+                   bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class DepthwiseConv(nn.Module):
     """torch.nn.Conv2d(c, c, kernel, stride, padding, groups=c): nn.Conv's parameters (``kernel``
-    ``[k, k, 1, c]``, ``bias``) computed by ``kernels.depthwise_conv``, which XLA:CPU runs ~50x
-    faster than its grouped convolution."""
+    ``[k, k, 1, c]``, ``bias``) computed by ``kernels.depthwise_conv``, which on CPU replaces
+    XLA's slow grouped convolution (timings: benchmarks/README.md)."""
 
     features: int
     kernel_size: int
@@ -245,7 +248,7 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int = 224) -> d
 
 
 # Module-level so that every run of a sweep reuses one compiled initialiser (a jit of a fresh
-# lambda per call recompiles a ResNet init each time: ~15 s on 2 CPU cores).
+# lambda per call would recompile the network's init for every run).
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init(model: nn.Module, key: jax.Array, image_size: int):
     return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)

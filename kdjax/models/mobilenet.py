@@ -135,6 +135,26 @@ class _V3Block(nn.Module):
         return cna(self.features, kernel=1, activation=None, name=next(index))(x, train, mask)
 
 
+def _features_and_classifier(net: nn.Module, stack: list, x: jax.Array, train: bool, mask: jax.Array | None,
+                             head_name: str, hidden: int | None = None) -> tuple[jax.Array, dict]:
+    """V2's and V3's shared forward pass after their layer tables, inside ``net``'s compact
+    ``__call__``: the ``features`` Sequential of ``stack``, the global average pool, V3's hidden
+    ``classifier_0`` Linear to ``hidden`` with Hardswish (V2 has none: ``hidden=None``),
+    ``net.dropout``, and with ``net.head`` the head Linear ``head_name``. Returns the logits
+    (``layers.widened``; with ``head=False`` the head's input) and the taps ``__call__``
+    documents."""
+    x, by_stride = _Features(tuple(stack), name="features")(x.astype(net.dtype), train, mask)
+    features = {k: by_stride[k] for k in STRIDE_TAPS}
+    x = jnp.mean(layers.widened(x), axis=(1, 2))
+    features["pool"] = x.astype(jnp.float32)
+    if hidden is not None:
+        x = jax.nn.hard_swish(_linear(hidden, net.dtype, "classifier_0")(x))
+    x = layers.dropout(net, x, net.dropout, train)
+    if net.head:
+        x = _linear(net.num_classes, net.dtype, head_name)(x)
+    return layers.widened(x), features
+
+
 class MobileNetV2(nn.Module):
     """torchvision.models.MobileNetV2 (width 1) over NHWC float input; float32 logits (float64
     when ``dtype`` is float64).
@@ -163,15 +183,8 @@ class MobileNetV2(nn.Module):
                 stack.append((functools.partial(_InvertedResidual, conv, "conv", stride == 1 and width == c), stride))
                 width = c
         stack.append((functools.partial(cna, 1280, kernel=1), 1))
-        x, by_stride = _Features(tuple(stack), name="features")(x.astype(self.dtype), train, mask)
-        features = {k: by_stride[k] for k in STRIDE_TAPS}
-        x = jnp.mean(layers.widened(x), axis=(1, 2))
-        features["pool"] = x.astype(jnp.float32)
-        x = layers.dropout(self, x, self.dropout, train)
-        if self.head:
-            x = _linear(self.num_classes, self.dtype, "classifier_1")(x)
-        x = layers.widened(x)
-        return (x, features) if taps else x
+        logits, features = _features_and_classifier(self, stack, x, train, mask, head_name="classifier_1")
+        return (logits, features) if taps else logits
 
 
 class MobileNetV3(nn.Module):
@@ -193,8 +206,7 @@ class MobileNetV3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None, taps: bool = False):
-        """Logits, or with ``taps`` ``(logits, features)``: the output of the last block at each of
-        ``STRIDE_TAPS`` (NHWC, compute dtype) and ``pool`` (float32)."""
+        """Logits, or with ``taps`` ``(logits, features)``, as ``MobileNetV2.__call__``."""
         cna = functools.partial(ConvNormActivation, activation=jax.nn.hard_swish, dtype=self.dtype, **_V3_NORM)
         stack = [(functools.partial(cna, 16, stride=2), 2)]
         width = 16
@@ -203,16 +215,9 @@ class MobileNetV3(nn.Module):
             stack.append((functools.partial(_InvertedResidual, block, "block", stride == 1 and width == out), stride))
             width = out
         stack.append((functools.partial(cna, 6 * width, kernel=1), 1))
-        x, by_stride = _Features(tuple(stack), name="features")(x.astype(self.dtype), train, mask)
-        features = {k: by_stride[k] for k in STRIDE_TAPS}
-        x = jnp.mean(layers.widened(x), axis=(1, 2))
-        features["pool"] = x.astype(jnp.float32)
-        x = jax.nn.hard_swish(_linear(self.last_channel, self.dtype, "classifier_0")(x))
-        x = layers.dropout(self, x, self.dropout, train)
-        if self.head:
-            x = _linear(self.num_classes, self.dtype, "classifier_3")(x)
-        x = layers.widened(x)
-        return (x, features) if taps else x
+        logits, features = _features_and_classifier(self, stack, x, train, mask, head_name="classifier_3",
+                                                    hidden=self.last_channel)
+        return (logits, features) if taps else logits
 
 
 def _spec(name: str, build: Callable[..., nn.Module], head: str, head_width: int,
