@@ -257,9 +257,15 @@ def _init(model: nn.Module, key: jax.Array, image_size: int):
 @functools.lru_cache(maxsize=32)
 def abstract_variables(model: nn.Module, image_size: int = 224) -> dict:
     """Shapes and dtypes of ``init_variables`` without computing anything (memoised: checks of
-    saved and loaded model directories ask for the same shapes again and again)."""
-    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return {"batch_stats": {}, **jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)}
+    saved and loaded model directories ask for the same shapes again and again; and kept on disk
+    across processes for kdjax's own networks, ``kdjax.models.shapes``)."""
+    from kdjax.models import shapes
+
+    def trace() -> dict:
+        dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+        return {"batch_stats": {}, **jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)}
+
+    return shapes.cached(model, image_size, trace)
 
 
 def fresh_head(key: jax.Array, fan_in: int, num_classes: int) -> dict:
