@@ -73,6 +73,11 @@ def main(argv=None, prog: str = "kdjax distill") -> int:
 
 
 def _distill(args, parser) -> int:
+    with cli.out_lock(args):  # first, before anything is written to --out
+        return _study(args, parser)
+
+
+def _study(args, parser) -> int:
     import pathlib
 
     from kdjax import protocol, report

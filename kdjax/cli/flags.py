@@ -9,8 +9,10 @@ flag given on the command line wins over the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from typing import Iterator
 
 from kdjax.cli import recipe
 from kdjax.config import OptimConfig
@@ -234,6 +236,20 @@ def run_command(parser: argparse.ArgumentParser, argv, command: str, body) -> in
         return fail(parser.prog, err)
 
 
+@contextlib.contextmanager
+def out_lock(args: argparse.Namespace) -> Iterator[None]:
+    """Hold ``--out``'s lock (``OUT/.kdjax.lock``, ``kdjax.engine.lock``) while the command
+    runs: a second study writing the same folder stops at once, naming this one. Process 0 of a
+    multi-process run holds it; the others write what process 0 tells them to."""
+    if not is_primary():
+        yield
+        return
+    from kdjax.engine import lock
+
+    with lock.hold(args.out, "--out"):
+        yield
+
+
 def recipe_and_data(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str, arch: str):
     """Write the run's resolved recipe to ``--out`` and load its data (what both training
     commands do once their config is checked)."""
@@ -387,8 +403,12 @@ def exit_with(main, prog: str):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from kdjax.fetch import DownloadError
 
-    # Bad flags, files, folders and downloads, and a diverging run: one line, exit 2. Anything
-    # else is a bug and keeps its traceback.
+    # Bad flags, files, folders and downloads, and a diverging run: one line, exit 2. So are the
+    # run store's OSErrors: a failed write into --out (kdjax.engine.store.StoreWriteError: no
+    # space, no permission), checkpoints that are all damaged (DamagedCheckpointError), another
+    # process writing --out (kdjax.engine.lock.DirectoryLockedError); named by their base class
+    # so that the command line starts without importing the engine. Anything else is a bug and
+    # keeps its traceback.
     return (ValueError, OSError, DownloadError, FloatingPointError)
 
 

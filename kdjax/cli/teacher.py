@@ -37,6 +37,11 @@ def main(argv=None, prog: str = "kdjax teacher") -> int:
 
 
 def _teacher(args, parser) -> int:
+    with cli.out_lock(args):  # first, before anything is written to --out
+        return _fine_tune(args, parser)
+
+
+def _fine_tune(args, parser) -> int:
     from kdjax import protocol
     from kdjax.engine import EngineOptions
 

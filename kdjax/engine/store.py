@@ -11,6 +11,14 @@ A run's identity (``run_meta_for``: config, architectures, initial weights, teac
 fingerprints) is recorded with every checkpoint; resuming a directory that holds another run is
 refused, naming what differs. Configs are compared as configs (``config_differences``), so a run
 recorded before a field existed resumes.
+
+A failed write (no space, no permission, a read-only disk) is one ``StoreWriteError`` naming the
+path, the cause and the epoch a re-run resumes from, without orbax's own reports of it
+(``orbax_quiet``). A second process writing the directory is refused (``kdjax.engine.lock``).
+Each checkpoint records its state's fingerprint, checked on restore: one that cannot be read or
+reads back other values is set aside as ``checkpoints/<step>.damaged-<time>`` (out of orbax's
+step names, never deleted) and the run resumes from the newest intact one, or stops
+(``DamagedCheckpointError``). An older kdjax's checkpoint, without a fingerprint, is read only.
 """
 
 from __future__ import annotations
@@ -19,13 +27,17 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from kdjax import checkpoint, console, data, distributed, optim, sharding
 from kdjax.config import TrainConfig, config_differences
+from kdjax.engine import lock
+from kdjax.engine.writes import StoreWriteError, brief, orbax_quiet, write_errno, writing  # noqa: F401 (StoreWriteError: the store's error)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,6 +46,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class ResumeMismatchError(ValueError):
     """A work directory holds a run with another configuration or teacher."""
+
+
+class DamagedCheckpointError(OSError):
+    """No checkpoint of a run can be read back intact; the message names them and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +128,8 @@ class RunStore:
     ``best/`` (the best-val student as a model directory), ``metrics.json`` and ``train.log``.
 
     ``run_meta`` identifies the run (config, architectures, initial weights, teacher and data
-    fingerprints); resuming a directory that holds another run is refused.
+    fingerprints); resuming a directory that holds another run is refused. The primary process
+    holds the directory's lock (``kdjax.engine.lock``) from here until ``close``.
     """
 
     RESUME_KEYS = ("config", "student_arch", "init", "teacher_fingerprint", "class_names",
@@ -121,13 +138,27 @@ class RunStore:
     def __init__(self, workdir: str | pathlib.Path, run_meta: Mapping, label: str | None = None):
         self.workdir = pathlib.Path(workdir).absolute()
         self.label = label or self.workdir.name  # names the run's lines on the console
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_meta = dict(run_meta)
         self.config = TrainConfig.from_json(self.run_meta["config"])
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
         self.history: list[dict] = []
         self.best_acc, self.best_epoch, self.start_epoch = -1.0, -1, 0
+        self._lock = None
+        with writing("the run's work directory", self.workdir, self._resume_phrase):
+            if distributed.is_primary():  # one writer per run directory: the primary process holds it
+                self._lock = lock.hold(self.workdir, "the run")
+            try:
+                self.manager = self._open_manager()
+            except BaseException:
+                self._release_lock()
+                raise
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.workdir / "checkpoints"
+
+    def _open_manager(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True)
+        return ocp.CheckpointManager(self.checkpoints, options=options)
 
     def _check_identity(self, saved: Mapping) -> None:
         for key in self.RESUME_KEYS:
@@ -144,21 +175,113 @@ class RunStore:
                     f"({saved.get(key)!r} != {self.run_meta[key]!r}); use another --out or delete it"
                 )
 
+    def _resume_phrase(self) -> str:
+        """What re-running does, from the checkpoints on disk now (a failed save leaves only
+        orbax's temporary directory, which is not a step)."""
+        steps = sorted(int(p.name) for p in self.checkpoints.glob("*") if p.name.isdigit() and p.is_dir()) \
+            if self.checkpoints.is_dir() else []
+        if not steps:
+            return "re-running the command starts this run again (no epoch of it was saved yet)"
+        return (f"re-running the command resumes from the last good checkpoint, epoch {steps[-1] + 1} "
+                f"({self.checkpoints / str(steps[-1])})")
+
+    def _read(self, step: int, abstract_state) -> tuple[Any, dict | None, str | None]:
+        """Checkpoint ``step`` read back as ``(state, meta, None)``, or ``(None, None, cause)``
+        when it cannot be read or its state is not what was saved (its recorded fingerprint;
+        checkpoints of an older kdjax have none). A readable checkpoint of another run raises
+        ``ResumeMismatchError``: that is not damage."""
+        try:
+            with orbax_quiet():
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            run = meta["run"]
+        except Exception as err:  # noqa: BLE001 -- any failure to read it is what is reported
+            return None, None, f"its metadata cannot be read: {brief(err)}"
+        self._check_identity(run)
+        try:
+            with orbax_quiet():
+                target, absent = _restore_target(abstract_state, self.checkpoints / str(step) / "state")
+                state = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+                if dataclasses.is_dataclass(abstract_state):
+                    state = dataclasses.replace(abstract_state, **state, **{k: {} for k in absent})
+        except Exception as err:  # noqa: BLE001 -- orbax and TensorStore raise many types for damaged files
+            if "tree structures do not match" in str(err):  # orbax's words: readable, laid out otherwise
+                raise ResumeMismatchError(
+                    f"{self.checkpoints / str(step)} holds a train state laid out otherwise than this kdjax's "
+                    f"({brief(err)}); resume it with the kdjax that wrote it, or use another --out") from err
+            return None, None, f"its state cannot be read: {brief(err)}"
+        want = meta.get("state_fingerprint")
+        if want is not None and checkpoint.fingerprint(distributed.to_host(state)) != want:
+            return None, None, "its state reads back other values than were saved (fingerprint differs)"
+        return state, meta, None
+
+    def _set_aside(self, damaged: Sequence[tuple[int, str]], resume_epoch: int) -> None:
+        """Rename each damaged checkpoint out of orbax's step names (``3`` -> ``3.damaged-<time>``:
+        never listed, cleaned up or counted against ``max_to_keep``), saying so in one line each."""
+        if distributed.is_primary():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step, cause in damaged:
+                source = self.checkpoints / str(step)
+                target = source.with_name(f"{step}.damaged-{stamp}")
+                n = 1
+                while target.exists():
+                    target, n = source.with_name(f"{step}.damaged-{stamp}-{n}"), n + 1
+                with writing("(renaming a damaged checkpoint)", source, self._resume_phrase):
+                    source.rename(target)
+                self.log(f"checkpoint {source} (epoch {step + 1}) is damaged, {cause}; set aside as {target.name}, "
+                         f"resuming from epoch {resume_epoch}'s checkpoint")
+        distributed.barrier("kdjax.engine.store.set_aside")
+        self.manager.reload()
+
     def restore(self, abstract_state):
-        """The latest saved state (shaped and placed like ``abstract_state``), or None."""
-        latest = self.manager.latest_step()
-        if latest is None:
-            return None
-        restored = self.manager.restore(
-            latest,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-        )
-        saved = restored["meta"]
-        self._check_identity(saved["run"])
+        """The newest intact saved state (shaped and placed like ``abstract_state``), or None
+        when the run has no checkpoint yet. Damaged newer checkpoints are set aside
+        (``_set_aside``); with no intact one, ``DamagedCheckpointError`` and nothing moved."""
+        damaged: list[tuple[int, str]] = []
+        state = saved = None
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            state, saved, cause = self._read(step, abstract_state)
+            distributed.check_same(cause is None, f"the processes disagree whether {self.checkpoints / str(step)} "
+                                                  "is readable: do they all see the same files?")
+            if cause is None:
+                break
+            damaged.append((step, cause))
+        if saved is None:
+            if not damaged:
+                return None
+            listed = "; ".join(f"{self.checkpoints / str(s)} (epoch {s + 1}): {c}" for s, c in damaged)
+            raise DamagedCheckpointError(
+                f"no checkpoint of {self.workdir} can be read back intact: {listed}. Nothing was moved. To train "
+                f"this run again from epoch 1, move these checkpoints out of {self.checkpoints} (keep them to "
+                f"inspect) and re-run the command")
+        self.start_epoch = step + 1
+        if damaged:
+            self._set_aside(damaged, self.start_epoch)
         self.history, self.best_acc, self.best_epoch = saved["history"], saved["best_val_acc"], saved["best_epoch"]
-        self.start_epoch = latest + 1
-        self.log(f"resuming {self.workdir} after epoch {latest + 1}/{self.config.num_epochs}")
-        return restored["state"]
+        self._write_metrics_if_behind()
+        with writing("train.log", self.workdir / "train.log", self._resume_phrase):
+            self.log(f"resuming {self.workdir} after epoch {self.start_epoch}/{self.config.num_epochs}")
+        return state
+
+    def _metrics(self) -> dict:
+        return {"run": self.run_meta, "history": self.history,
+                "best_val_acc": self.best_acc, "best_epoch": self.best_epoch}
+
+    def _write_metrics(self) -> None:
+        path = self.workdir / "metrics.json"
+        if distributed.is_primary():  # orbax checkpoints are written by all processes, files by one
+            with writing("metrics.json", path, self._resume_phrase):
+                checkpoint.write_text_atomic(path, json.dumps(self._metrics(), indent=1) + "\n")
+
+    def _write_metrics_if_behind(self) -> None:
+        """Rewrite metrics.json from the restored checkpoint when it holds other epochs (its write
+        failed after the checkpoint's, or the newest checkpoint was set aside)."""
+        try:
+            written = json.loads((self.workdir / "metrics.json").read_text())["history"]
+        except (OSError, ValueError, KeyError, TypeError):
+            written = None
+        if written != self.history:
+            self._write_metrics()
 
     def log(self, msg: str) -> None:
         """A line of this run: on the console after its label, in its train.log as it is."""
@@ -167,34 +290,67 @@ class RunStore:
 
     def end_epoch(self, epoch: int, state, record: dict, save_best: Callable[[pathlib.Path, dict], None]) -> None:
         """Record epoch ``epoch`` (0-based): the best model first (``save_best(directory,
-        provenance)`` when val accuracy improved), then the checkpoint, then metrics.json, so a
-        crash at any point leaves a consistent directory to resume from."""
+        provenance)`` when val accuracy improved), then the checkpoint with its state's
+        fingerprint, then metrics.json, so a crash at any point leaves a consistent directory to
+        resume from; a failed write raises ``StoreWriteError``."""
         self.history.append(record)
         acc = record["val"]["acc"]
         if acc > self.best_acc:  # strict: the first epoch reaching the best accuracy is kept
             self.best_acc, self.best_epoch = acc, epoch + 1
-            save_best(self.workdir / "best", {
-                "epoch": epoch + 1,
-                "val_acc": acc,
-                "teacher_fingerprint": self.run_meta["teacher_fingerprint"],
-                "config": self.run_meta["config"],
-            })
-        meta = {"run": self.run_meta, "history": self.history,
-                "best_val_acc": self.best_acc, "best_epoch": self.best_epoch}
+            with writing(f"epoch {epoch + 1}'s best model", self.workdir / "best", self._resume_phrase):
+                save_best(self.workdir / "best", {
+                    "epoch": epoch + 1,
+                    "val_acc": acc,
+                    "teacher_fingerprint": self.run_meta["teacher_fingerprint"],
+                    "config": self.run_meta["config"],
+                })
+        meta = {**self._metrics(), "state_fingerprint": checkpoint.fingerprint(distributed.to_host(state))}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(epoch, args=args)
-        self.manager.wait_until_finished()
-        if distributed.is_primary():  # orbax checkpoints are written by all processes, files by one
-            checkpoint.write_text_atomic(self.workdir / "metrics.json", json.dumps(meta, indent=1) + "\n")
-        self.log(epoch_line(record, self.config.num_epochs))
+        with writing(f"epoch {epoch + 1}'s checkpoint", self.checkpoints / str(epoch), self._resume_phrase):
+            self.manager.save(epoch, args=args)
+            self.manager.wait_until_finished()
+        self._write_metrics()
+        with writing("train.log", self.workdir / "train.log", self._resume_phrase):
+            self.log(epoch_line(record, self.config.num_epochs))
         distributed.barrier("kdjax.engine.store.end_epoch")  # no process reads ahead of process 0's files
 
     def result(self) -> RunResult:
         return RunResult(history=self.history, best_val_acc=self.best_acc, best_epoch=self.best_epoch,
                          workdir=self.workdir)
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def close(self) -> None:
-        self.manager.close()
+        """Finish orbax's work and give the directory's lock back. After a failed save orbax
+        raises the save's disk error again here; the write that failed has reported it."""
+        try:
+            with orbax_quiet():
+                self.manager.close()
+        except Exception as err:
+            if write_errno(err) is None:
+                raise
+        finally:
+            self._release_lock()
+
+
+def _restore_target(abstract_state, path: pathlib.Path) -> tuple[dict, list[str]]:
+    """What to restore ``path`` (a checkpoint's state) into: ``abstract_state``'s fields as a
+    dict, less the fields it does not hold on disk (a field added after it was written, such as
+    the EMA). Those must be empty in ``abstract_state`` (nothing to restore), and come back as
+    ``{}``; a missing field with values is another layout, which orbax then refuses. A state that
+    is not a dataclass is restored as it is."""
+    if not dataclasses.is_dataclass(abstract_state):
+        return abstract_state, []
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    try:
+        on_disk = set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
+    except Exception:  # noqa: BLE001 -- unreadable metadata: the restore itself says what is wrong
+        return fields, []
+    absent = [k for k in fields if k not in on_disk and not jax.tree.leaves(fields[k])]
+    return {k: v for k, v in fields.items() if k not in absent}, absent
 
 
 def run_labels(workdirs: Sequence[pathlib.Path]) -> list[str]:
@@ -258,8 +414,10 @@ def score_selected(results: Sequence[RunResult], dataset: data.Dataset, spec, ba
                   "correct": correct, "selected_epoch": int(meta.provenance["epoch"]),
                   "selected_val_acc": float(meta.provenance["val_acc"])}
         if distributed.is_primary():
-            checkpoint.write_text_atomic(result.workdir / TEST_FILE, json.dumps(record, indent=1) + "\n")
-            log_line(label, result.workdir, f"test: {record['acc']:.4f} ({correct}/{labels.size}) with the "
-                     f"epoch-{record['selected_epoch']} model selected on val")
+            with writing("the test score", result.workdir / TEST_FILE,
+                         lambda: "re-running the command scores the trained run again"):
+                checkpoint.write_text_atomic(result.workdir / TEST_FILE, json.dumps(record, indent=1) + "\n")
+                log_line(label, result.workdir, f"test: {record['acc']:.4f} ({correct}/{labels.size}) with the "
+                         f"epoch-{record['selected_epoch']} model selected on val")
         scored.append(dataclasses.replace(result, test=record))
     return scored
