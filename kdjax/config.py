@@ -51,7 +51,9 @@ def _known(cls, record: Mapping[str, Any], where: str) -> dict:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """The optimiser and its learning-rate schedule: entries of ``kdjax.optim.OPTIMIZERS`` and
-    ``kdjax.optim.SCHEDULES`` (``kdjax.optim.build`` turns this into optax)."""
+    ``kdjax.optim.SCHEDULES`` (``kdjax.optim.build`` turns this into optax). The defaults are the
+    seed's SGD + StepLR; every field is a flag of the same name (``step_size`` and ``gamma``:
+    the seed's ``--s_lr_step_size`` and ``--s_rl_gamma``)."""
 
     lr: float = 0.001
     momentum: float = 0.9
@@ -60,8 +62,22 @@ class OptimConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"
     schedule: str = "step"
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float | None = None  # None: the optimiser's own default (OptimizerSpec.eps)
+    no_decay_norm_bias: bool = False
+    clip_grad_norm: float | None = None
+    accum_steps: int = 1
+    milestones: tuple[int, ...] = ()
+    min_lr: float = 0.0
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0
+    warmup_prefix: bool = True
+    schedule_per: str = "epoch"
 
     def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         _require(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         _require(self.step_size >= 1, f"--s_lr_step_size must be >= 1, got {self.step_size}")
@@ -73,13 +89,61 @@ class OptimConfig:
                  f"--optimizer {self.optimizer!r}: choose one of {', '.join(optim.OPTIMIZERS)}")
         _require(self.schedule in optim.SCHEDULES,
                  f"--schedule {self.schedule!r}: choose one of {', '.join(optim.SCHEDULES)}")
+        _require(not self.nesterov or self.momentum > 0,
+                 f"--nesterov needs --momentum > 0, got {self.momentum} (as torch.optim.SGD)")
+        _require(not self.nesterov or self.optimizer in ("sgd", "lars"),
+                 f"--nesterov is a momentum option of sgd and lars, not of --optimizer {self.optimizer}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"--betas takes two values in [0, 1), got {list(self.betas)}")
+        _require(self.eps is None or self.eps > 0, f"--eps must be > 0, got {self.eps}")
+        _require(self.eps is None or optim.OPTIMIZERS[self.optimizer].eps is not None,
+                 f"--eps is not an option of --optimizer {self.optimizer}")
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0,
+                 f"--clip_grad_norm must be > 0, got {self.clip_grad_norm}")
+        _require(self.accum_steps >= 1, f"--accum_steps must be >= 1, got {self.accum_steps}")
+        _require(self.min_lr >= 0, f"--min_lr must be >= 0, got {self.min_lr}")
+        _require(self.warmup_epochs >= 0, f"--warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _require(self.warmup_lr >= 0, f"--warmup_lr must be >= 0, got {self.warmup_lr}")
+        _require(self.schedule_per in ("step", "epoch"),
+                 f"--schedule_per must be step or epoch, got {self.schedule_per!r}")
+        _require(self.schedule == "multistep" or not self.milestones,
+                 f"--milestones {list(self.milestones)} are for --schedule multistep, not {self.schedule}")
+        _require(self.schedule != "multistep" or bool(self.milestones),
+                 "--schedule multistep needs --milestones (epochs at which the lr is multiplied by --s_rl_gamma)")
+        _require(all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
+                 f"--milestones must be increasing epochs >= 1, got {list(self.milestones)}")
+
+    @property
+    def eps_or_default(self) -> float:
+        from kdjax import optim
+
+        return self.eps if self.eps is not None else optim.OPTIMIZERS[self.optimizer].eps
+
+    def check_run_length(self, num_epochs: int) -> None:
+        """The schedule's epochs must fall inside a run of ``num_epochs``."""
+        _require(self.warmup_epochs < num_epochs,
+                 f"--warmup_epochs {self.warmup_epochs} is not shorter than the run (--num_epochs {num_epochs})")
+        last = max(self.milestones, default=0) + (self.warmup_epochs if self.warmup_prefix else 0)
+        _require(last < num_epochs or not self.milestones,
+                 f"--milestones {list(self.milestones)}: epoch {last} is past the last epoch (--num_epochs "
+                 f"{num_epochs}{', after --warmup_epochs ' + str(self.warmup_epochs) if self.warmup_epochs else ''})")
+
+    def static_part(self) -> "OptimConfig":
+        """This config without its traced values (``kdjax.optim.traced_hparams``): what a compiled
+        step depends on, so runs that differ only in lr and weight decay share it. Whether there is
+        weight decay at all stays (the optimiser state's shape depends on it)."""
+        return dataclasses.replace(self, lr=1.0, weight_decay=1.0 if self.weight_decay else 0.0)
 
     def to_json(self, full: bool = False) -> dict:
         return _sparse(self, full)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "OptimConfig":
-        return cls(**_known(cls, d, "recorded optim config"))
+        d = _known(cls, d, "recorded optim config")
+        for key in ("betas", "milestones"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +244,20 @@ class TrainConfig:
     image_size: int = 224
     seed: int = 0
     compute_dtype: str = "float32"  # "bfloat16" on accelerators: params, stats, losses stay f32
+    # an exponential moving average of the student (timm's ModelEmaV3; None: none), its warm-up,
+    # and which student best/, test scoring and export use
+    ema_decay: float | None = None
+    ema_warmup: bool = True
+    select: str = "raw"
 
     def __post_init__(self):
         _require(self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}")
+        self.optim.check_run_length(self.num_epochs)
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1,
+                 f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+        _require(self.select in ("raw", "ema"), f"--select must be raw or ema, got {self.select!r}")
+        _require(self.select == "raw" or self.ema_decay is not None,
+                 "--select ema needs --ema_decay (there is no EMA student to select)")
         _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         _require(self.image_size >= 32, f"--image_size must be >= 32, got {self.image_size}")
         _require(

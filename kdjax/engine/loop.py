@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from kdjax import console, data, losses, sharding, teacher_cache
+from kdjax import console, data, losses, optim, sharding, teacher_cache
 from kdjax.config import TrainConfig
 from kdjax.engine.step import StepSpec, step_spec_for, terms_of
 from kdjax.engine.store import (
@@ -60,10 +60,16 @@ class EngineOptions:
 
 
 def recipe_key(config: TrainConfig) -> dict:
-    """What runs trained together must share: the config without seed, alpha and the loss's
-    hyper-parameters (the traced values)."""
+    """What runs trained together must share: the config without the traced values (seed, alpha,
+    the loss's hyper-parameters, the lr and the weight decay)."""
     d = config.to_json()
     d.pop("seed", None)
+    optim_record = dict(d.get("optim", {}))  # the lr and the weight decay are traced; decay or none is not
+    optim_record.pop("lr", None)
+    optim_record["weight_decay"] = bool(config.optim.weight_decay)
+    d["optim"] = optim_record
+    if config.ema_decay is not None:  # traced too; an EMA or none is not
+        d["ema_decay"] = True
     if config.distill is not None:
         distill = dict(d.get("distill", {}))
         distill.pop("alpha", None)
@@ -79,8 +85,8 @@ def check_runs(runs: Sequence[Run], dataset: data.Dataset, teacher, mesh) -> Non
     for r in runs[1:]:
         if recipe_key(r.config) != recipe_key(first.config):
             raise ValueError(
-                f"runs trained together must share the recipe apart from seed, alpha and the loss's "
-                f"hyper-parameters: {r.workdir} has {recipe_key(r.config)}, {first.workdir} has "
+                f"runs trained together must share the recipe apart from seed, alpha, the loss's "
+                f"hyper-parameters, lr and weight decay: {r.workdir} has {recipe_key(r.config)}, {first.workdir} has "
                 f"{recipe_key(first.config)}"
             )
     workdirs = [pathlib.Path(r.workdir).absolute() for r in runs]
@@ -131,6 +137,8 @@ def _train_group(trainer: Trainer, members: Sequence[tuple[int, Run, RunStore, o
     config, start = runs[0].config, stores[0].start_epoch
     group, states = trainer.group([r.config for r in runs], [st for _, _, _, st in members], share_frozen)
     mode = group.program.mode
+    spe, num_epochs = trainer.spec.steps_per_epoch, trainer.spec.num_epochs
+    optimizers = [optim.build(r.config.optim, spe, num_epochs) for r in runs]  # each run's own lr
     desc = "epochs" if mode == "single" else f"epochs ({group.size} runs together" + (
         f", {int(group.layout.group_rep.shape[0])} backbones)" if mode == "shared" else ")")
     bar = console.bar(range(start, config.num_epochs), desc=desc, unit="epoch", initial=start,
@@ -145,7 +153,7 @@ def _train_group(trainer: Trainer, members: Sequence[tuple[int, Run, RunStore, o
         seconds = (time.perf_counter() - t0) / group.size
         s_vars = {"params": states.params, "batch_stats": states.batch_stats}
         for i, (index, run, store, _) in enumerate(members):
-            record = epoch_record(trainer.optimizer, epoch, train_figures[i], {k: v[i] for k, v in val.items()},
+            record = epoch_record(optimizers[i], epoch, train_figures[i], {k: v[i] for k, v in val.items()},
                                   seconds)
             if group.size > 1:
                 record["runs_together"] = group.size
@@ -212,6 +220,8 @@ def train_runs(
             groups = [by_start[s] for s in sorted(by_start)]
         else:
             groups = [[k] for k in pending]
+        if groups:
+            trainer.place()  # before the first epoch's clock starts
         bar = console.bar(total=len(groups), desc="runs", unit="run") if len(groups) > 1 and not options.vectorize \
             else None
         for members in groups:

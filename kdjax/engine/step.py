@@ -45,6 +45,9 @@ class TrainState(struct.PyTreeNode):
     # the loss's trained adapters (FitNets' regressors, projectors): ``{"params", "batch_stats"}``
     # keyed by term and pair, ``{}`` when it has none; checkpointed, never exported with the student
     aux: Any = struct.field(default_factory=dict)
+    # the student's exponential moving average ``{"params", "batch_stats"}`` (``--ema_decay``),
+    # ``{}`` without one; checkpointed, so a resumed run continues it exactly
+    ema: Any = struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +88,19 @@ class StepSpec:
     # pass), and how their logits combine (``teacher`` is then the first group's module)
     teacher_groups: tuple[TeacherGroup, ...] = ()
     teacher_combine: str = "mean"
+    num_epochs: int = 1  # what a schedule over the whole run (cosine) needs
+    ema: bool = False  # keep an EMA of the student (its decay is traced: EMA_DECAY_KEY)
+    ema_warmup: bool = True
 
-    @property
-    def optimizer(self) -> optim.Optimizer:
-        """The optax transformation and schedule of ``optim`` (``kdjax.optim.build``)."""
-        return optim.build(self.optim, self.steps_per_epoch)
+    def optimizer(self, hparams: Mapping | None = None) -> optim.Optimizer:
+        """The optax transformation and schedule of ``optim`` (``kdjax.optim.build``), with the
+        traced lr and weight decay of ``hparams`` inside a step (their structure only without)."""
+        return optim.build(self.optim, self.steps_per_epoch, self.num_epochs, hparams)
 
     @property
     def tx(self) -> optax.GradientTransformation:
-        return self.optimizer.tx
+        """The transformation's structure (what ``init`` needs; a step uses ``optimizer(hparams)``)."""
+        return self.optimizer().tx
 
     @property
     def objective(self) -> losses.Objective:
@@ -145,8 +152,11 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         # the teacher computes in the run's dtype too (bfloat16 on accelerators); its variables stay
         # as given (float32), like the student's master weights
         teacher=None if teacher is None else teacher.model.clone(dtype=dtype),
-        optim=config.optim,
+        optim=config.optim.static_part(),
         steps_per_epoch=steps_per_epoch(dataset["train"].num_examples, config.batch_size),
+        num_epochs=config.num_epochs,
+        ema=config.ema_decay is not None,
+        ema_warmup=config.ema_warmup,
         student_train=config.student_train,
         loss="mse" if config.distill is None else config.distill.loss,
         image_size=config.image_size,
@@ -180,23 +190,48 @@ def _optimised(params: Mapping, aux: Mapping, spec: StepSpec) -> dict:
 def create_train_state(variables: Mapping, spec: StepSpec, aux: Mapping | None = None) -> TrainState:
     params = dict(variables["params"])
     aux = dict(aux or {})
+    stats = dict(variables["batch_stats"])
+    ema = {"params": params, "batch_stats": stats} if spec.ema else {}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=dict(variables["batch_stats"]),
-        opt_state=spec.tx.init(_optimised(params, aux, spec)),
+        batch_stats=stats,
+        opt_state=spec.optimizer().init(_optimised(params, aux, spec)),
         aux=aux,
+        ema=jax.tree.map(jnp.array, ema),
     )
 
 
+EMA_DECAY_KEY = "ema/decay"
+
+
+def ema_decay(decay, step, warmup: bool) -> jax.Array:
+    """timm's ModelEmaV3 decay at optimiser update ``step`` (1-based): 0 at the first (the EMA
+    starts as the model), then ``decay``, or with ``warmup`` ``min(decay, 1 - (1 + (step - 1))
+    ** -2/3)`` (its ``use_warmup``, gamma 1, power 2/3)."""
+    t = jnp.maximum(step - 1, 0).astype(jnp.float32)
+    d = jnp.minimum(decay, 1 - (1 + t) ** (-2.0 / 3.0)) if warmup else jnp.asarray(decay, jnp.float32)
+    return jnp.where(t <= 0, 0.0, d)
+
+
+def update_ema(ema: Mapping, params, batch_stats, decay) -> dict:
+    """``ema + (1 - decay) (model - ema)`` for every parameter and BatchNorm statistic (torch's
+    ``lerp_``, what ModelEmaV3 applies to the whole state_dict)."""
+    model = {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda e, m: e + (1 - decay) * (m - e), dict(ema), model)
+
+
 def hparams_for(config: TrainConfig) -> dict[str, jax.Array]:
-    """The traced scalars of a step: every term's weight and hyper-parameters (one compilation
-    for every value of each)."""
+    """The traced scalars of a step: every term's weight and hyper-parameters, the optimiser's lr
+    and weight decay (one compilation for every value of each)."""
     d = config.distill
+    traced = optim.traced_hparams(config.optim)
+    if config.ema_decay is not None:
+        traced[EMA_DECAY_KEY] = jnp.float32(config.ema_decay)
     if d is None:
-        return {losses.weight_key("ce"): jnp.float32(1.0), "label_smoothing": jnp.float32(0.0)}
+        return {losses.weight_key("ce"): jnp.float32(1.0), "label_smoothing": jnp.float32(0.0), **traced}
     return {**{losses.weight_key(k): jnp.float32(w) for k, w in d.weights.items()},
-            **{k: jnp.float32(v) for k, v in d.hparams.items()}}
+            **{k: jnp.float32(v) for k, v in d.hparams.items()}, **traced}
 
 
 # The adapters' initialisation stream, apart from the student's and the augmentation's.
@@ -344,7 +379,9 @@ def student_step(
 
     optimised = _optimised(state.params, state.aux, spec)
     (loss, (terms, logits, new_stats, new_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(optimised)
-    updates, opt_state = spec.tx.update(grads, state.opt_state, optimised)
+    count = jnp.sum(mask)
+    optimizer = spec.optimizer(hparams)
+    updates, opt_state, applied = optimizer.update(grads, state.opt_state, optimised, count)
     optimised = optax.apply_updates(optimised, updates)
     trainable = {k: v for k, v in optimised.items() if k != AUX_KEY}
     new_state = state.replace(
@@ -354,7 +391,12 @@ def student_step(
         opt_state=opt_state,
         aux={"params": optimised[AUX_KEY], "batch_stats": new_aux["batch_stats"]} if state.aux else state.aux,
     )
-    count = jnp.sum(mask)
+    if state.ema:  # after each optimiser update, counted in updates
+        ema = update_ema(state.ema, new_state.params, new_state.batch_stats,
+                         ema_decay(hparams[EMA_DECAY_KEY], optimizer.updates_done(opt_state, new_state.step),
+                                   spec.ema_warmup))
+        new_state = new_state.replace(ema=ema if applied is True else jax.tree.map(
+            lambda n, o: jnp.where(applied, n, o), ema, state.ema))
     metrics = {
         "loss": loss,
         "loss_sum": loss * count,

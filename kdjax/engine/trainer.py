@@ -13,7 +13,6 @@ the teacher never is.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -58,7 +57,8 @@ class Trainer:
     """The compiled programs and placed data of one engine call over ``dataset``.
 
     ``teacher`` (a ``kdjax.engine.teachers.Teacher`` or None) and the data are placed on the
-    devices on first use (``placed``): a call whose runs have all finished places nothing.
+    devices by ``place`` (the loop calls it before the first epoch, so no epoch's time holds
+    it; a call whose runs have all finished places nothing).
     ``scan`` runs an epoch as one scanned program (resident data only); ``cache`` is a
     ``kdjax.teacher_cache.TeacherCache`` that replaces the teacher's pass where it holds an
     epoch's logits.
@@ -70,8 +70,8 @@ class Trainer:
         self.batch_size = batch_size
         self.scan = scan and dataset.in_memory
         self.cache = cache
-        self.optimizer = spec.optimizer
         self.replicated = sharding.replicated(mesh)
+        self._placed: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ the host boundary
 
@@ -87,8 +87,14 @@ class Trainer:
     def fetch(tree):
         return distributed.to_host(tree)
 
-    @functools.cached_property
+    @property
     def placed(self) -> dict[str, Any]:
+        """What ``place`` put on the devices (placed now if it was not yet)."""
+        if self._placed is None:
+            self.place()
+        return self._placed
+
+    def place(self) -> None:
         """The data and the teacher on the devices, and the teacher's outputs on the validation
         views (fixed views of a frozen teacher: once for every run of the call). A streamed
         dataset stays on the host, read batch by batch (``kdjax.data.stream``)."""
@@ -105,7 +111,7 @@ class Trainer:
             # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
             placed["t_val"] = jax.block_until_ready(evaluation.teacher_eval_outputs(
                 self.spec, placed["teacher"], placed["val_images"], self.batch_size, self.mesh))
-        return placed
+        self._placed = placed
 
     # ------------------------------------------------------------------ states and groups
 
