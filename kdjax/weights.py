@@ -4,7 +4,8 @@ The commands over these (``kdjax convert | export | fetch``, also ``python -m kd
 convert|fetch|list|export``) are ``kdjax.cli.weights``.
 
 ``FILE`` is read by :mod:`kdjax.models.torchfile` (no torch, no pickled code run) and may hold a
-state_dict or a whole pickled module; :mod:`kdjax.models.torchvision` maps it, strictly.
+state_dict or a whole pickled module; :mod:`kdjax.models.torchvision` maps it, strictly, or
+:mod:`kdjax.models.timm` for timm's names (``convert_timm``, ``--init timm:NAME``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Sequence
 
 import jax
 
-from kdjax import checkpoint, distributed, models
+from kdjax import checkpoint, console, distributed, models
 from kdjax.fetch import sha256_file
+from kdjax.models import timm
 from kdjax.models.torchfile import load_state_dict, save_state_dict
 from kdjax.models.torchvision import (
     DEFAULT_DIR,
@@ -35,7 +37,7 @@ from kdjax.models.torchvision import (
 __all__ = [
     "IMAGENET_WEIGHTS", "WeightMappingError", "WeightsNotFoundError",
     "ClassNamesError", "to_flax", "fetch", "imagenet_variables", "load_variables",
-    "initial_variables", "convert", "export",
+    "initial_variables", "convert", "convert_timm", "export",
 ]
 
 
@@ -72,11 +74,20 @@ def initial_variables(
       ``third_party_weights/`` is downloaded first (checksummed). Never a silent random fallback:
       offline, the download stops with its URL and where to place the file by hand;
     - ``scratch``: torchvision's initialisation distributions, seeded by ``key``;
+    - ``timm:NAME`` (``timm:resnet50.a1_in1k``; a bare model name is timm's default tag): timm's
+      weights for the ``arch`` that computes that model, with a fresh head unless the tag has
+      ``num_classes``; the file is looked for under ``third_party_weights/timm/`` and in the
+      Hugging Face hub cache, else downloaded from the hub (timm publishes no checksum; loading
+      checks every tensor). Offline, it stops with one line naming the URL and where to put the
+      file (``kdjax.models.timm.fetch``);
     - a model directory or PyTorch file of ``arch``; its head must have ``num_classes`` outputs.
 
     Returns ``(variables, provenance)``.
     """
     if init == "imagenet":
+        if arch not in IMAGENET_WEIGHTS:
+            raise ValueError(f"--init imagenet: torchvision has no ImageNet weights for {arch}; use --init scratch, "
+                             "or a model directory or checkpoint file of its weights")
         # a missing file is downloaded (checksummed, with a progress bar) by process 0 first, the
         # others then find it; offline, fetch stops with the URL and where to put the file
         with distributed.primary_first("kdjax.weights.initial_variables"):
@@ -84,6 +95,15 @@ def initial_variables(
                 fetch(arch)
         variables = imagenet_variables(arch, num_classes, key)
         return variables, {"init": "imagenet", "url": IMAGENET_WEIGHTS[arch].url}
+    if init.startswith("timm:"):
+        # as for imagenet: process 0 downloads a missing file first, the others then find it
+        with distributed.primary_first("kdjax.weights.initial_variables"):
+            variables, provenance = timm.timm_variables(init[len("timm:"):], arch, num_classes, key)
+        kept_head = num_classes == timm.get(provenance["timm_tag"]).num_classes
+        for kind, note in timm.notes(timm.get(provenance["timm_tag"])).items():
+            if kind != "bce" or kept_head:  # a fresh head has no calibration to mind
+                console.line(f"kdjax: warning: {note}")
+        return variables, provenance
     if init == "scratch":
         model = models.create_model(arch, num_classes)
         spec = models.get(arch)
@@ -109,13 +129,7 @@ def convert(
     """
     src = pathlib.Path(src)
     variables = to_flax(load_state_dict(src), arch, source=str(src))
-    num_classes = models.num_outputs(arch, variables)
-    if class_names is None:
-        class_names = [f"class_{i}" for i in range(num_classes)]
-    if len(class_names) != num_classes:
-        raise ClassNamesError(
-            f"{len(class_names)} class names ({_listing(list(class_names), 4)}) but {src} has "
-            f"{num_classes} outputs (fc.weight); give exactly {num_classes} comma-separated names")
+    class_names = _class_names(class_names, models.num_outputs(arch, variables), src, "fc.weight")
     digest = sha256_file(src)
     provenance = {
         "source_file": src.name,
@@ -132,6 +146,48 @@ def convert(
     return checkpoint.save_model(out, variables, arch=arch, class_names=class_names,
                                  provenance=provenance, image_size=(inputs or models.get(arch).input).crop_size,
                                  inputs=inputs)
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int, src: pathlib.Path, head: str) -> list[str]:
+    """``class_names``, or ``class_0 .. class_{n-1}``; a ClassNamesError unless one per output."""
+    if class_names is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ClassNamesError(
+            f"{len(class_names)} class names ({_listing(list(class_names), 4)}) but {src} has "
+            f"{num_classes} outputs ({head}); give exactly {num_classes} comma-separated names")
+    return list(class_names)
+
+
+def convert_timm(src: os.PathLike, out: os.PathLike, name: str,
+                 class_names: Sequence[str] | None = None) -> checkpoint.ModelMeta:
+    """Convert timm's ``.safetensors``/``.pth`` of the timm ``name`` (``resnet50.a1_in1k``; a bare
+    model name is timm's default tag) to a model directory of the kdjax architecture that
+    computes it (``kdjax.models.timm``).
+
+    meta.json records the tag's eval transform from its ``pretrained_cfg``: ``image_size`` its
+    input size, ``resize_size`` ``floor(input_size / crop_pct)``, its interpolation, mean and
+    std; provenance records the tag, hub repository, licence, crop_pct, timm's test size, whether
+    the head was trained with binary cross-entropy (``bce_head``) and ``notes`` (what
+    ``kdjax.models.timm.notes`` says a user must know). ``class_names`` as in ``convert``.
+    """
+    w = timm.get(name)
+    src = pathlib.Path(src)
+    variables = timm.to_flax(load_state_dict(src), w.model, source=str(src))
+    class_names = _class_names(class_names, models.num_outputs(w.arch, variables), src, timm.head_key(w.model))
+    provenance = {
+        "source_file": src.name,
+        "source_sha256": sha256_file(src),
+        "converted_by": "kdjax.weights",
+        "timm_tag": w.tag, "hf_hub_id": w.hf_hub_id, "source_url": timm.hub_url(w),
+        "source_license": w.license, "timm_num_classes": w.num_classes, "crop_pct": w.crop_pct,
+        "test_input_size": w.test[0] if w.test else None, "test_crop_pct": w.test[1] if w.test else None,
+        "bce_head": w.bce, "notes": list(timm.notes(w).values()),
+    }
+    inputs = models.InputSpec(crop_size=w.input_size, resize_size=w.resize_size, interpolation=w.interpolation,
+                              mean=tuple(w.mean), std=tuple(w.std))
+    return checkpoint.save_model(out, variables, arch=w.arch, class_names=class_names, provenance=provenance,
+                                 image_size=w.input_size, inputs=inputs)
 
 
 def export(checkpoint_dir: os.PathLike, out: os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:

@@ -73,7 +73,9 @@ def test_flags_come_from_the_registry(capsys):
 def test_every_weight_and_hyper_parameter_is_traced():
     config = TrainConfig(distill=DistillConfig(loss="kd", hparams={"temperature": 3.0}))
     hparams = engine.hparams_for(config)
-    assert set(hparams) == {"weight_ce", "weight_kd", "label_smoothing", "temperature"}
+    # the loss's weights and hyper-parameters, and (since the recipes issue) the optimiser's lr and decay
+    assert set(hparams) == {"weight_ce", "weight_kd", "label_smoothing", "temperature", "optim/lr",
+                            "optim/weight_decay"}
     assert all(isinstance(v, jax.Array) for v in hparams.values())
     # what differs between runs trained together: seed, weights and every hyper-parameter
     other = dataclasses.replace(config, seed=3, distill=dataclasses.replace(config.distill, alpha=0.1,
@@ -87,11 +89,21 @@ def test_every_weight_and_hyper_parameter_is_traced():
 
 def test_default_tap_pairs_exist_for_every_registered_pair():
     """Each feature term's default pairs name taps both networks have, for every teacher/student
-    pair of the registry (a ViT's patch grid is its stride16 tap)."""
+    pair of the registry within one family (ImageNet-sized networks, whose taps name strides of a
+    224 px input, and the 32 px CIFAR networks, whose taps are mdistiller's; a ViT's patch grid is
+    its stride16 tap)."""
+    def family(arch):
+        return models.get(arch).input.crop_size == 32
+
     for name in ("fitnet", "at", "pooled"):
         for s_arch, t_arch in itertools.product(models.ARCHS, repeat=2):
+            if family(s_arch) != family(t_arch):
+                continue
             obj = losses.objective((name,), None, models.get(s_arch).taps, models.get(t_arch).taps)
             assert obj.pairs_of(name), (name, s_arch, t_arch)
+    cifar = models.get("resnet8x4").taps, models.get("resnet32x4").taps
+    assert losses.objective(("fitnet",), None, *cifar).pairs_of("fitnet") == (("feat2", "feat2"),)
+    assert losses.objective(("at",), None, *cifar).pairs_of("at") == tuple((f"feat{i}", f"feat{i}") for i in (1, 2, 3))
     obj = losses.objective(("ce", "at"), None, models.get("resnet18").taps, models.get("vit_b_16").taps)
     assert obj.pairs_of("at") == (("stride16", "stride16"),)
     with pytest.raises(ValueError, match="the teacher has no tap 'layer9'"):
@@ -148,8 +160,8 @@ def test_the_resnet_taps_are_the_registered_ones():
     assert [feats[f"layer{i}"].shape for i in range(1, 5)] == [(2, 16, 16, 256), (2, 8, 8, 512),
                                                                 (2, 4, 4, 1024), (2, 2, 2, 2048)]
     assert feats["pool"].shape == (2, spec.head_width) and logits.shape == (2, 3)
-    with pytest.raises(ValueError, match="unknown architecture 'vgg11'"):
-        models.get("vgg11")
+    with pytest.raises(ValueError, match="unknown architecture 'vgg999'"):
+        models.get("vgg999")
 
 
 def test_several_teachers_one_vmapped_pass_per_architecture():

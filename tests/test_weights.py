@@ -390,7 +390,8 @@ def test_imagenet_variables_refuse_a_corrupt_file(tmp_path):
 def test_every_architecture_has_its_imagenet_file_and_transform():
     from kdjax.models import imagenet
 
-    assert set(weights.IMAGENET_WEIGHTS) == set(models.ARCHS)
+    # every torchvision architecture (the CIFAR networks have none: their ModelSpec.torchvision is "none")
+    assert set(weights.IMAGENET_WEIGHTS) == {a for a, spec in models.ARCHS.items() if spec.torchvision != "none"}
     for arch, w in weights.IMAGENET_WEIGHTS.items():
         assert w.name == "IMAGENET1K_V1" and w.url.startswith("https://download.pytorch.org/models/")
         assert len(w.hash_prefix) >= 8 and (w.sha256 is None or w.sha256.startswith(w.hash_prefix))
@@ -503,7 +504,7 @@ def test_cli_bad_class_names_exit_2_with_one_line(tmp_path, capsys, names, match
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_weights.main(["convert", "--arch", "resnet18", "--src", str(tmp_path / "none.pth"),
                          "--out", str(tmp_path / "out")]) == 2
-    assert cli_weights.main(["convert", "--arch", "vgg11", "--src", "x", "--out", "y"]) == 2
+    assert cli_weights.main(["convert", "--arch", "vgg999", "--src", "x", "--out", "y"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("kdjax.weights: error: ") for line in lines)
     assert "none.pth" in lines[0] and "--arch" in lines[1]

@@ -52,7 +52,8 @@ def build_parser(prog: str = "kdjax distill") -> argparse.ArgumentParser:
                         "fc_frozen_bn: frozen backbone; all: full fine-tuning")
     cli.add_loss_flags(parser)
     g.add_argument("--init", default="imagenet",
-                   help="starting weights of student and teacher: imagenet, scratch, or (student) a file")
+                   help="starting weights of student and teacher: imagenet (torchvision), scratch, or for the "
+                        "student timm:NAME (timm's weights, e.g. timm:resnet18.a1_in1k) or a file")
     g.add_argument("--out", default="runs/paper", help="output directory (resumed if present)")
     g.add_argument("--teacher_cache", default=None, metavar="DIR",
                    help="store the teacher's logits on the training views in DIR on first use and read "

@@ -24,7 +24,8 @@ def build_parser(prog: str = "kdjax teacher") -> argparse.ArgumentParser:
     """Every flag of the command (its own, then the shared ones of ``kdjax.cli.flags``)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--init", default="imagenet",
-                        help="imagenet (torchvision weights), scratch, or a model dir / PyTorch file")
+                        help="imagenet (torchvision weights), timm:NAME (timm's, e.g. timm:resnet50.a1_in1k), scratch, "
+                             "or a model dir / PyTorch file")
     parser.add_argument("--arch", "--teacher_arch", dest="arch", choices=cli.arch_choices(),
                         default="resnet50", help="the teacher's architecture")
     parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")

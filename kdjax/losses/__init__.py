@@ -88,11 +88,26 @@ def _shared_stride_taps(student: Sequence[str], teacher: Sequence[str], wanted: 
     return pairs
 
 
+def _stage_taps(student: Sequence[str], teacher: Sequence[str]) -> list[str]:
+    """The stage outputs ``feat1``, ``feat2``, ... both networks have (the CIFAR networks' taps,
+    mdistiller's ``feats``; ``feat0`` is the stem)."""
+    return [t for t in student if t.startswith("feat") and t != "feat0" and t in teacher]
+
+
 def _middle_hint(student, teacher) -> Pairs:
+    """``stride16`` (ImageNet networks); for two networks with stage taps (the CIFAR networks)
+    ``feat2``, mdistiller's FitNet hint layer."""
+    if "feat2" in _stage_taps(student, teacher):
+        return (("feat2", "feat2"),)
     return _shared_stride_taps(student, teacher, ("stride16",))
 
 
 def _attention_pairs(student, teacher) -> Pairs:
+    """``stride8/16/32`` (ImageNet networks); for two networks with stage taps (the CIFAR networks)
+    every stage output past the stem that both have, as mdistiller's AT (``feats[1:]``)."""
+    stages = _stage_taps(student, teacher)
+    if stages:
+        return tuple((t, t) for t in stages)
     return _shared_stride_taps(student, teacher, ("stride8", "stride16", "stride32"))
 
 

@@ -9,9 +9,12 @@ torchvision name mapping and a torch-free reader of ``.pth`` files.
     efficientnet  EfficientNet-B0
     convnext    ConvNeXt-T
     vit         ViT-B/16 (224 px)
+    cifar       the CIFAR networks of the KD tables (mdistiller's): cifar_resnet (ResNets, WRNs),
+                cifar_vgg, cifar_mobile (MobileNetV2, ShuffleNet V1/V2), cifar_layers
     imagenet    torchvision's ImageNet weight files: URL, hash, eval transform, accuracy
     kernels     train-mode BatchNorm and max-pool formulated for XLA:CPU
     torchvision state_dict <-> flax variables, torchvision's ImageNet files
+    timm        timm's parameter names onto the same networks, and its pretrained tags (timm_cfgs)
     torchfile   a safe reader of torch.save files (no torch, no pickled code run)
 """
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from kdjax.models import convnext, efficientnet, layers, mobilenet, resnet, vit
+from kdjax.models import cifar, convnext, efficientnet, layers, mobilenet, resnet, vit
 from kdjax.models.spec import InputSpec, ModelSpec  # noqa: F401 (the registry's types)
 
 Dtype = Any
@@ -25,6 +25,7 @@ ARCHS: Mapping[str, ModelSpec] = {
     **efficientnet.SPECS,
     **convnext.SPECS,
     **vit.SPECS,
+    **cifar.SPECS,
 }
 
 
