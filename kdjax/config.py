@@ -234,6 +234,58 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Strong augmentation on the device beside the crop (``kdjax.data.views``): RandAugment or
+    TrivialAugment (``kdjax.data.randaugment.AUGMENTS``), timm's RandomErasing and Mixup/CutMix.
+    All off by default (the seed's crop and flip alone); the mixing alphas are traced."""
+
+    augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    mix_mode: str = "batch"
+
+    def __post_init__(self):
+        from kdjax.data import randaugment  # the registry (it imports nothing of kdjax.config)
+
+        _require(self.augment in randaugment.AUGMENTS,
+                 f"--augment {self.augment!r}: choose one of {', '.join(randaugment.AUGMENTS)}")
+        _require(self.randaugment_ops >= 1, f"--randaugment_ops must be >= 1, got {self.randaugment_ops}")
+        _require(0 <= self.randaugment_magnitude <= 30,
+                 f"--randaugment_magnitude must be a bin in [0, 30], got {self.randaugment_magnitude}")
+        _require(0 <= self.random_erasing <= 1, f"--random_erasing must be in [0, 1], got {self.random_erasing}")
+        _require(self.mixup_alpha >= 0, f"--mixup_alpha must be >= 0, got {self.mixup_alpha}")
+        _require(self.cutmix_alpha >= 0, f"--cutmix_alpha must be >= 0, got {self.cutmix_alpha}")
+        _require(0 <= self.mix_prob <= 1, f"--mix_prob must be in [0, 1], got {self.mix_prob}")
+        _require(0 <= self.mix_switch_prob <= 1, f"--mix_switch_prob must be in [0, 1], got {self.mix_switch_prob}")
+        _require(self.mix_mode in ("batch", "pair", "elem"),
+                 f"--mix_mode must be batch, pair or elem, got {self.mix_mode!r}")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def pipeline(self, num_classes: int):
+        """The static view pipeline (``kdjax.data.views.ViewPipeline``) of this config."""
+        from kdjax.data import views
+
+        return views.ViewPipeline(self.augment, self.randaugment_ops, self.randaugment_magnitude,
+                                  self.random_erasing, self.mixup_alpha > 0, self.cutmix_alpha > 0, self.mix_prob,
+                                  self.mix_switch_prob, self.mix_mode, num_classes)
+
+    def to_json(self, full: bool = False) -> dict:
+        return _sparse(self, full)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "AugmentConfig":
+        return cls(**_known(cls, d, "recorded augment config"))
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run (a distillation run, or supervised fine-tuning when ``distill`` is None)."""
 
@@ -249,6 +301,7 @@ class TrainConfig:
     ema_decay: float | None = None
     ema_warmup: bool = True
     select: str = "raw"
+    augment: AugmentConfig = AugmentConfig()
 
     def __post_init__(self):
         _require(self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}")
@@ -258,6 +311,10 @@ class TrainConfig:
         _require(self.select in ("raw", "ema"), f"--select must be raw or ema, got {self.select!r}")
         _require(self.select == "raw" or self.ema_decay is not None,
                  "--select ema needs --ema_decay (there is no EMA student to select)")
+        if self.augment.mixing and self.distill is not None:
+            hard = [t for t in self.distill.terms if t == "dkd"]
+            _require(not hard, "--loss dkd reads each example's target class, which mixup/cutmix blend: leave out "
+                               "--mixup_alpha/--cutmix_alpha, or use another term")
         _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         _require(self.image_size >= 32, f"--image_size must be >= 32, got {self.image_size}")
         _require(
@@ -273,7 +330,8 @@ class TrainConfig:
         """What a run records: the fields that differ from their defaults (``distill`` None, a
         supervised run, is recorded as such); with ``full`` every field, as a summary shows it."""
         return _sparse(self, full, optim=self.optim.to_json(full),
-                       distill=None if self.distill is None else self.distill.to_json(full))
+                       distill=None if self.distill is None else self.distill.to_json(full),
+                       augment=self.augment.to_json(full))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "TrainConfig":
@@ -284,6 +342,8 @@ class TrainConfig:
             d["optim"] = OptimConfig.from_json(d["optim"])
         if "distill" in d and d["distill"] is not None:
             d["distill"] = DistillConfig.from_json(d["distill"])
+        if "augment" in d:
+            d["augment"] = AugmentConfig.from_json(d["augment"])
         return cls(**d)
 
 

@@ -19,11 +19,12 @@ from kdjax.report import History, Record
 
 
 def record_scalars(record: Record) -> dict[str, float]:
-    """A record's scalars by TensorBoard tag: ``lr``, ``seconds``, ``train/<k>``, ``val/<k>``."""
+    """A record's scalars by TensorBoard tag: ``lr``, ``seconds``, ``train/<k>``, ``val/<k>`` and,
+    with an EMA student, ``val_ema/<k>``."""
     tags = {"lr": float(record["lr"])}
     if "seconds" in record:
         tags["seconds"] = float(record["seconds"])
-    for phase in ("train", "val"):
+    for phase in ("train", "val", "val_ema"):
         for k, v in record.get(phase, {}).items():
             tags[f"{phase}/{k}"] = float(v)
     return tags

@@ -42,12 +42,13 @@ class TeacherCache:
         self.directory = pathlib.Path(root).absolute() / hashlib.sha256(text.encode()).hexdigest()[:20]
         self._key_text = text
 
-    def path(self, seed: int, epoch: int) -> pathlib.Path:
-        return self.directory / f"seed{int(seed)}_epoch{int(epoch)}.npy"
+    def path(self, seed: int, epoch: int, tag: str = "") -> pathlib.Path:
+        return self.directory / f"seed{int(seed)}_epoch{int(epoch)}{tag}.npy"
 
-    def load(self, seed: int, epoch: int) -> np.ndarray | None:
-        """The stored logits of ``(seed, epoch)`` (0-based epoch), or None when absent."""
-        path = self.path(seed, epoch)
+    def load(self, seed: int, epoch: int, tag: str = "") -> np.ndarray | None:
+        """The stored logits of ``(seed, epoch)`` (0-based epoch), or None when absent; ``tag``
+        tells apart views of one seed that differ in traced values (mixing alphas)."""
+        path = self.path(seed, epoch, tag)
         if not path.is_file():
             return None
         try:
@@ -55,13 +56,13 @@ class TeacherCache:
         except (OSError, ValueError) as err:
             raise ValueError(f"--teacher_cache: unreadable entry {path} ({err}); delete it to recompute") from None
 
-    def save(self, seed: int, epoch: int, logits: np.ndarray) -> None:
+    def save(self, seed: int, epoch: int, logits: np.ndarray, tag: str = "") -> None:
         """Store ``(seed, epoch)``'s logits atomically (a reader never sees half an entry)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         key_file = self.directory / "key.json"
         if not key_file.is_file():
             key_file.write_text(self._key_text + "\n")
-        path = self.path(seed, epoch)
+        path = self.path(seed, epoch, tag)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as f:

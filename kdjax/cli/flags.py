@@ -58,6 +58,82 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     add_dtype(g, "compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_optimizer_flags(parser)
+
+
+def add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+    """The optimiser, the schedule, clipping, accumulation and the EMA (``kdjax.optim``'s
+    registries); every default is the seed's recipe."""
+    from kdjax import optim
+
+    g = parser.add_argument_group("optimiser and schedule (kdjax.optim)")
+    g.add_argument("--optimizer", choices=tuple(optim.OPTIMIZERS), default="sgd",
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in optim.OPTIMIZERS.items()))
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd, lars)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"),
+                   help="adamw and lamb's moment decays")
+    g.add_argument("--eps", type=float, default=None,
+                   help="adamw/lamb's denominator term, lars' trust-ratio term (default: the optimiser's, "
+                        + ", ".join(f"{n} {s.eps:g}" for n, s in optim.OPTIMIZERS.items() if s.eps is not None) + ")")
+    g.add_argument("--no_decay_norm_bias", action="store_true",
+                   help="no weight decay on 1-D parameters: biases and normalisation scales (timm's rule)")
+    g.add_argument("--clip_grad_norm", type=float, default=None, metavar="MAX",
+                   help="clip the gradient to this global norm first (torch.nn.utils.clip_grad_norm_)")
+    g.add_argument("--accum_steps", type=int, default=1, metavar="K",
+                   help="one optimiser update every K batches, from their gradients' example-weighted mean "
+                        "(one batch of K x --batch_size; each batch's BatchNorm statistics still update)")
+    g.add_argument("--schedule", choices=tuple(optim.SCHEDULES), default="step",
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in optim.SCHEDULES.items()))
+    g.add_argument("--milestones", type=int, nargs="+", default=(), metavar="EPOCH",
+                   help="--schedule multistep's epochs (counted from the end of any warm-up)")
+    g.add_argument("--min_lr", type=float, default=0.0, help="--schedule cosine's last lr")
+    g.add_argument("--warmup_epochs", type=int, default=0,
+                   help="a linear warm-up of this many epochs from --warmup_lr before the schedule")
+    g.add_argument("--warmup_lr", type=float, default=0.0, help="the warm-up's first lr")
+    g.add_argument("--warmup_prefix", choices=("on", "off"), default="on",
+                   help="on: the schedule starts after the warm-up (torch's SequentialLR, timm's warmup_prefix); "
+                        "off: the cosine counts from the run's first epoch (timm's default)")
+    g.add_argument("--schedule_per", choices=("epoch", "step"), default="epoch",
+                   help="move the lr once per epoch (the seed) or at every optimiser step")
+    add_augment_flags(parser)
+    e = parser.add_argument_group("EMA of the student (timm's ModelEmaV3)")
+    e.add_argument("--ema_decay", type=float, default=None, metavar="D",
+                   help="keep an exponential moving average of the student, evaluated each epoch beside it")
+    e.add_argument("--ema_warmup", choices=("on", "off"), default="on",
+                   help="the EMA's decay warm-up, min(D, 1 - (1 + step)^-2/3) (timm's use_warmup)")
+    e.add_argument("--select", choices=("raw", "ema"), default="raw",
+                   help="which student best/, the test score and export use")
+
+
+def add_augment_flags(parser: argparse.ArgumentParser) -> None:
+    """Strong augmentation on the device (``kdjax.data.views``): the teacher sees the view the
+    student sees, mixed images included."""
+    from kdjax.data import randaugment
+
+    g = parser.add_argument_group("augmentation on the device (the teacher sees the same views)")
+    g.add_argument("--augment", choices=tuple(randaugment.AUGMENTS), default="none",
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in randaugment.AUGMENTS.items()))
+    g.add_argument("--randaugment_ops", type=int, default=2, help="RandAugment's ops per image (torchvision's N)")
+    g.add_argument("--randaugment_magnitude", type=int, default=9,
+                   help="RandAugment's magnitude bin of 31 (torchvision's M)")
+    g.add_argument("--random_erasing", type=float, default=0.0, metavar="P",
+                   help="timm's RandomErasing probability (pixel mode, after Normalize)")
+    g.add_argument("--mixup_alpha", type=float, default=0.0, help="timm's Mixup: mixup's Beta alpha (0: off)")
+    g.add_argument("--cutmix_alpha", type=float, default=0.0, help="timm's Mixup: cutmix's Beta alpha (0: off)")
+    g.add_argument("--mix_prob", type=float, default=1.0, help="the probability that a batch (or pair, element) mixes")
+    g.add_argument("--mix_switch_prob", type=float, default=0.5,
+                   help="with both alphas on, the probability of cutmix rather than mixup")
+    g.add_argument("--mix_mode", choices=("batch", "pair", "elem"), default="batch",
+                   help="one draw per batch, per pair of examples or per example (timm's mode)")
+
+
+def augment_config(args: argparse.Namespace):
+    from kdjax.config import AugmentConfig
+
+    return AugmentConfig(augment=args.augment, randaugment_ops=args.randaugment_ops,
+                         randaugment_magnitude=args.randaugment_magnitude, random_erasing=args.random_erasing,
+                         mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, mix_prob=args.mix_prob,
+                         mix_switch_prob=args.mix_switch_prob, mix_mode=args.mix_mode)
 
 
 def add_batch_size(group) -> None:
@@ -329,7 +405,12 @@ def init_distributed(args: argparse.Namespace) -> bool:
 
 def optim_config(args: argparse.Namespace) -> OptimConfig:
     return OptimConfig(lr=args.lr, momentum=args.momentum, step_size=args.step_size,
-                       gamma=args.gamma, weight_decay=args.weight_decay)
+                       gamma=args.gamma, weight_decay=args.weight_decay, optimizer=args.optimizer,
+                       schedule=args.schedule, nesterov=args.nesterov, betas=tuple(args.betas), eps=args.eps,
+                       no_decay_norm_bias=args.no_decay_norm_bias, clip_grad_norm=args.clip_grad_norm,
+                       accum_steps=args.accum_steps, milestones=tuple(args.milestones), min_lr=args.min_lr,
+                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                       warmup_prefix=args.warmup_prefix == "on", schedule_per=args.schedule_per)
 
 
 def train_config(args: argparse.Namespace, arch: str, distill=None):
@@ -340,7 +421,8 @@ def train_config(args: argparse.Namespace, arch: str, distill=None):
     return TrainConfig(
         optim=optim_config(args), distill=distill, num_epochs=args.num_epochs,
         batch_size=args.batch_size, image_size=image_size(args, arch), seed=args.seed,
-        compute_dtype=default_dtype(args.dtype),
+        compute_dtype=default_dtype(args.dtype), ema_decay=args.ema_decay, ema_warmup=args.ema_warmup == "on",
+        select=args.select, augment=augment_config(args),
     )
 
 

@@ -114,7 +114,8 @@ def to_argv(path: str | pathlib.Path, parser: argparse.ArgumentParser, command: 
 
 
 def resolved(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides: Any) -> dict[str, Any]:
-    """The recipe of a parsed command line: every flag but the launch ones, None (unset) left out,
+    """The recipe of a parsed command line: every flag but the launch ones, None (unset) and empty
+    lists left out,
     with ``overrides`` (the values the run resolved a default to) in place of the given ones."""
     recipe = {}
     for action in parser._actions:
@@ -122,7 +123,7 @@ def resolved(args: argparse.Namespace, parser: argparse.ArgumentParser, **overri
         if not action.option_strings or dest in (argparse.SUPPRESS, "help") or dest in LAUNCH_FLAGS:
             continue
         value = overrides.get(dest, getattr(args, dest))
-        if value is not None:
+        if value is not None and value != () and value != []:  # an empty list is the default's absence
             recipe[_key(action)] = value
     return recipe
 

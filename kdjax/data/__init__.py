@@ -7,6 +7,9 @@ transforms, the on-device augmentation and fixed-shape masked batches.
     decode_cache  decode a source once into a tfds array_record cache keyed by its content
     transforms    torchvision's eval view (Resize + CenterCrop) on the host
     augment       RandomResizedCrop + flip + Normalize on the device, counter-based keys
+    randaugment   RandAugment and TrivialAugmentWide on uint8 images (torchvision's ops, exactly)
+    mixing        timm's RandomErasing and Mixup/CutMix
+    views         a training batch's views: crop, strong augmentation, erasing, mixing
     batches       load the splits (held in memory or read on demand), epoch orders, batches
     stream        read a split's batches ahead on the host, each process its own rows (grain)
 

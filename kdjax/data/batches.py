@@ -63,6 +63,8 @@ class Batch(NamedTuple):
     images: jax.Array  # float32 [B, s, s, 3], normalised
     labels: jax.Array  # int32 [B]
     mask: jax.Array  # bool [B]: False on padding
+    # mixup/cutmix's soft targets float32 [B, C] (kdjax.data.views), None without mixing
+    targets: jax.Array | None = None
 
 
 # --data_in_memory auto: the device-resident path when the arrays take at most this share of one

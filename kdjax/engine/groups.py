@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import checkpoint, data, distributed, losses, models, sharding
+from kdjax.data.views import MixAlphas, ViewKey, train_views
 from kdjax.engine.step import (
     StepSpec,
     TrainState,
@@ -54,6 +55,9 @@ class Layout(NamedTuple):
     run_group: jax.Array
     group_seed: jax.Array
     group_rep: jax.Array
+    # each view group's mixing alphas [S, 2] (mixup, cutmix): runs of one seed but other alphas
+    # see other views; None without mixing
+    alphas: jax.Array | None = None
 
     @classmethod
     def single(cls, seed: int) -> "Layout":
@@ -129,17 +133,20 @@ def group_step(states: TrainState, teacher_vars, train_split: data.TrainArrays |
     if rows is None:
         rows = jax.vmap(lambda i: data.take_rows(train_split, i))(step.indices)
 
-    def views(r, i, m, s):
-        return data.train_views(r, i, m, s, context.epoch, image_size=spec.image_size)
+    alphas = jnp.zeros((layout.seeds.shape[0], 2), jnp.float32) if layout.alphas is None else layout.alphas
+
+    def views(r, i, m, s, a):
+        key = ViewKey(s, context.epoch, MixAlphas(a[0], a[1]))
+        return train_views(r, i, m, key, spec.image_size, spec.views)
 
     if program.mode == "single":
-        batch = constrain(views(take(rows, 0), step.indices[0], step.mask[0], layout.seeds[0]), mesh, 0)
+        batch = constrain(views(take(rows, 0), step.indices[0], step.mask[0], layout.seeds[0], alphas[0]), mesh, 0)
         t = (teacher_outputs(spec, teacher_vars, batch.images) if step.t_given is None
              else losses.Outputs(step.t_given[0]))
         state, metrics = student_step(squeeze(states), batch, t, squeeze(context.hparams), spec, seed=layout.seeds[0])
         state, metrics = expand(state), expand(metrics)
         return state, ({**metrics, TEACHER_LOGITS: t.logits[None]} if program.emit_teacher else metrics)
-    batches = constrain(jax.vmap(views)(rows, step.indices, step.mask, layout.seeds), mesh, 1)
+    batches = constrain(jax.vmap(views)(rows, step.indices, step.mask, layout.seeds, alphas), mesh, 1)
     if step.t_given is None:
         t_out = jax.vmap(lambda x: teacher_outputs(spec, teacher_vars, x))(batches.images)
     else:
@@ -199,23 +206,28 @@ def backbone_key(student_arch: str, variables) -> str:
     return checkpoint.fingerprint(distributed.to_host(models.without_head(student_arch, variables)))
 
 
-def layout_for(seeds_of_runs: Sequence[int], states: Sequence[TrainState], student_arch: str,
-               shared: bool) -> tuple[list[int], Layout]:
-    """The distinct seeds and the sharing ``Layout`` of runs seeded ``seeds_of_runs`` from
-    ``states`` (each its own backbone group unless ``shared``)."""
-    seeds = sorted(set(seeds_of_runs))
-    run_seed = [seeds.index(s) for s in seeds_of_runs]
+def layout_for(views_of_runs: Sequence, states: Sequence[TrainState], student_arch: str,
+               shared: bool) -> tuple[list, Layout]:
+    """The distinct view groups and the sharing ``Layout`` of runs from ``states`` (each its own
+    backbone group unless ``shared``). A run's views are keyed by its seed, or by ``(seed,
+    mixup_alpha, cutmix_alpha)`` with mixing on; runs with equal keys share their batch."""
+    views_of_runs = [v if isinstance(v, tuple) else (v,) for v in views_of_runs]
+    seeds = sorted(set(views_of_runs))
+    run_seed = [seeds.index(v) for v in views_of_runs]
     keys = [
-        (seed, backbone_key(student_arch, {"params": st.params, "batch_stats": st.batch_stats}) if shared else k)
-        for k, (seed, st) in enumerate(zip(seeds_of_runs, states))
+        (view, backbone_key(student_arch, {"params": st.params, "batch_stats": st.batch_stats}) if shared else k)
+        for k, (view, st) in enumerate(zip(views_of_runs, states))
     ]
     groups = list(dict.fromkeys(keys))
     run_group = [groups.index(key) for key in keys]
     group_rep = [keys.index(g) for g in groups]
     group_seed = [run_seed[k] for k in group_rep]
     # seeds as uint32: the view keys' type
-    return seeds, Layout(np.asarray(seeds, np.uint32), *(np.asarray(a, np.int32) for a in
-                                                         (run_seed, run_group, group_seed, group_rep)))
+    alphas = np.asarray([v[1:] for v in seeds], np.float32) if len(seeds[0]) > 1 else None
+    layout = Layout(np.asarray([v[0] for v in seeds], np.uint32), *(np.asarray(a, np.int32) for a in
+                                                                    (run_seed, run_group, group_seed, group_rep)),
+                    alphas)
+    return [v if len(v) > 1 else v[0] for v in seeds], layout
 
 
 def can_share_backbone(student_train: str, loss: str | None) -> bool:

@@ -70,6 +70,12 @@ def recipe_key(config: TrainConfig) -> dict:
     d["optim"] = optim_record
     if config.ema_decay is not None:  # traced too; an EMA or none is not
         d["ema_decay"] = True
+    augment = dict(d.get("augment", {}))  # the mixing alphas are traced; mixing or none is not
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if key in augment:
+            augment[key] = True
+    if augment:
+        d["augment"] = augment
     if config.distill is not None:
         distill = dict(d.get("distill", {}))
         distill.pop("alpha", None)
@@ -118,6 +124,7 @@ def cache_for(directory, spec: StepSpec, config: TrainConfig, dataset: data.Data
         "image_size": config.image_size,
         "compute_dtype": config.compute_dtype,
         "batch_size": config.batch_size,
+        **({"augment": config.augment.to_json()} if config.augment.to_json() else {}),  # a view is cached as it is
         "devices": int(mesh.devices.size),
         "processes": jax.process_count(),
     })
@@ -150,11 +157,16 @@ def _train_group(trainer: Trainer, members: Sequence[tuple[int, Run, RunStore, o
         train_figures = [summarize_steps({k: v[:, i] for k, v in step_metrics.items()}, epoch, store.workdir)
                          for i, store in enumerate(stores)]
         val = trainer.validate(group, states, epoch)
+        val_ema = trainer.validate(group, states, epoch, ema=True) if trainer.spec.ema else None
         seconds = (time.perf_counter() - t0) / group.size
-        s_vars = {"params": states.params, "batch_stats": states.batch_stats}
+        # the student best/ keeps (--select): the raw one or its EMA
+        s_vars = (dict(states.ema) if config.select == "ema"
+                  else {"params": states.params, "batch_stats": states.batch_stats})
         for i, (index, run, store, _) in enumerate(members):
             record = epoch_record(optimizers[i], epoch, train_figures[i], {k: v[i] for k, v in val.items()},
                                   seconds)
+            if val_ema is not None:
+                record["val_ema"] = {k: float(v[i]) for k, v in val_ema.items()}
             if group.size > 1:
                 record["runs_together"] = group.size
             variables = trainer.run_of(s_vars, i)

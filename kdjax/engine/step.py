@@ -32,6 +32,7 @@ from flax import struct
 from kdjax import data, losses, models, optim
 from kdjax.config import OptimConfig, TrainConfig, steps_per_epoch
 from kdjax.data import augment
+from kdjax.data.views import ViewPipeline
 from kdjax.engine import adapters
 
 
@@ -91,6 +92,8 @@ class StepSpec:
     num_epochs: int = 1  # what a schedule over the whole run (cosine) needs
     ema: bool = False  # keep an EMA of the student (its decay is traced: EMA_DECAY_KEY)
     ema_warmup: bool = True
+    # the views' strong augmentation beside the crop (kdjax.data.views; its mixing alphas traced)
+    views: ViewPipeline = ViewPipeline()
 
     def optimizer(self, hparams: Mapping | None = None) -> optim.Optimizer:
         """The optax transformation and schedule of ``optim`` (``kdjax.optim.build``), with the
@@ -157,6 +160,7 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         num_epochs=config.num_epochs,
         ema=config.ema_decay is not None,
         ema_warmup=config.ema_warmup,
+        views=config.augment.pipeline(len(dataset.class_names)),
         student_train=config.student_train,
         loss="mse" if config.distill is None else config.distill.loss,
         image_size=config.image_size,
@@ -361,6 +365,7 @@ def student_step(
     caller already has the frozen part's output (the ``shared`` group mode).
     """
     labels = batch.labels
+    targets = labels if batch.targets is None else batch.targets  # mixup/cutmix's soft targets
     mask = batch.mask.astype(jnp.float32)
     if forward is None:
         def forward(trainable):
@@ -374,7 +379,7 @@ def student_step(
         out, new_stats = forward(trainable)
         aux = {**state.aux, "params": optimised[AUX_KEY]} if state.aux else state.aux
         adapted, new_aux = adapters.adapt(spec.objective, aux, out, t_out, True, mask)
-        loss, terms = objective_loss(spec, out, t_out, labels, mask, hparams, adapted)
+        loss, terms = objective_loss(spec, out, t_out, targets, mask, hparams, adapted)
         return loss, (terms, out.logits, new_stats, new_aux)
 
     optimised = _optimised(state.params, state.aux, spec)

@@ -120,6 +120,8 @@ def epoch_line(r: dict, num_epochs: int) -> str:
     )
     if "teacher_acc" in v:
         line += f"  teacher {v['teacher_acc']:.4f}  diff_t_s {v['diff_t_s']:.4f}"
+    if "val_ema" in r:
+        line += f"  ema acc {r['val_ema']['acc']:.4f}"
     return line + f"  ({r['seconds']:.1f} s)"
 
 
@@ -294,7 +296,7 @@ class RunStore:
         fingerprint, then metrics.json, so a crash at any point leaves a consistent directory to
         resume from; a failed write raises ``StoreWriteError``."""
         self.history.append(record)
-        acc = record["val"]["acc"]
+        acc = record["val_ema" if self.config.select == "ema" else "val"]["acc"]  # --select
         if acc > self.best_acc:  # strict: the first epoch reaching the best accuracy is kept
             self.best_acc, self.best_epoch = acc, epoch + 1
             with writing(f"epoch {epoch + 1}'s best model", self.workdir / "best", self._resume_phrase):

@@ -44,13 +44,23 @@ class Group:
     hyper-parameters ``[K]``."""
 
     program: GroupProgram
-    seeds: tuple[int, ...]
+    seeds: tuple  # each view group's seed, or (seed, mixup_alpha, cutmix_alpha) with mixing
     layout: Layout
     hparams: dict
     size: int
 
     def context(self, epoch: int) -> GroupContext:
         return GroupContext(np.int32(epoch), self.hparams, self.layout)
+
+
+def _seed(view) -> int:
+    """A view group's seed (its key is the seed, or (seed, mixup_alpha, cutmix_alpha))."""
+    return view[0] if isinstance(view, tuple) else view
+
+
+def _view_tag(view) -> str:
+    """What tells a view group's teacher-cache entries apart beside its seed: its mixing alphas."""
+    return f"_mix{view[1]:g}_cut{view[2]:g}" if isinstance(view, tuple) else ""
 
 
 class Trainer:
@@ -129,7 +139,9 @@ class Trainer:
     def group(self, configs: Sequence, states: Sequence[TrainState], share_frozen: bool) -> tuple[Group, TrainState]:
         """The group of runs of ``configs`` standing at ``states``, and their states stacked."""
         mode = group_mode(self.spec, len(configs), share_frozen)
-        seeds, layout = layout_for([c.seed for c in configs], states, self.spec.student_arch, mode == "shared")
+        view_keys = [(c.seed, c.augment.mixup_alpha, c.augment.cutmix_alpha) if self.spec.views.mixing else c.seed
+                     for c in configs]
+        seeds, layout = layout_for(view_keys, states, self.spec.student_arch, mode == "shared")
         hparams = self.replicate(jax.tree.map(lambda *xs: np.stack(xs), *[hparams_for(c) for c in configs]))
         group = Group(GroupProgram(self.spec, mode, self.mesh), tuple(seeds), self.replicate(layout), hparams,
                       len(configs))
@@ -143,7 +155,7 @@ class Trainer:
         ``group``, or None (the teacher runs, and fills the cache when there is one)."""
         if self.cache is None:
             return None
-        stored = [self.cache.load(s, epoch) for s in group.seeds]
+        stored = [self.cache.load(_seed(v), epoch, _view_tag(v)) for v in group.seeds]
         distributed.check_same(all(a is not None for a in stored),
                                f"--teacher_cache {self.cache.directory.parent}: the processes found different "
                                "entries; it must be one directory that every process sees")
@@ -153,7 +165,7 @@ class Trainer:
         """Epoch ``epoch``'s example indices ``[steps, S, B]`` for every seed of ``group`` and
         their mask (``kdjax.data.epoch_order``: from ``(seed, epoch)`` alone)."""
         num_train = self.dataset["train"].num_examples
-        orders = [data.epoch_order(num_train, self.batch_size, s, epoch, shuffle=True) for s in group.seeds]
+        orders = [data.epoch_order(num_train, self.batch_size, _seed(v), epoch, shuffle=True) for v in group.seeds]
         return np.stack([o for o, _ in orders], axis=1), np.stack([m for _, m in orders], axis=1)
 
     def train_epoch(self, group: Group, states: TrainState, epoch: int) -> tuple[TrainState, dict[str, np.ndarray]]:
@@ -168,8 +180,8 @@ class Trainer:
             logits = metrics.pop(TEACHER_LOGITS)
             if distributed.is_primary():
                 num_train = self.dataset["train"].num_examples
-                for seed, arr in zip(group.seeds, teacher_cache.scatter(logits, order, order_mask, num_train)):
-                    self.cache.save(seed, epoch, arr)
+                for view, arr in zip(group.seeds, teacher_cache.scatter(logits, order, order_mask, num_train)):
+                    self.cache.save(_seed(view), epoch, arr, _view_tag(view))
         return states, metrics
 
     def run_steps(self, group: Group, states: TrainState, epoch: int, steps: tuple, emit: bool = False):
@@ -202,9 +214,12 @@ class Trainer:
         out = self.fetch(out)
         return states, {k: np.stack([m[k] for m in out]) for k in out[0]}
 
-    def validate(self, group: Group, states: TrainState, epoch: int) -> dict[str, np.ndarray]:
-        """Every run's validation figures ``[K]`` after epoch ``epoch`` (0-based), on the host."""
+    def validate(self, group: Group, states: TrainState, epoch: int, ema: bool = False) -> dict[str, np.ndarray]:
+        """Every run's validation figures ``[K]`` after epoch ``epoch`` (0-based), on the host; with
+        ``ema``, of the students' exponential moving averages."""
         spec, mode, placed = self.spec, group.program.mode, self.placed
+        if ema:
+            states = states.replace(params=states.ema["params"], batch_stats=states.ema["batch_stats"])
         s_val = evaluation.group_val_outputs(spec, states, placed["val_images"], group.layout, self.batch_size,
                                              self.mesh, mode)
         eval_hparams = {**group.hparams, "epoch": self.replicate(np.full((group.size,), epoch + 1, np.float32))}

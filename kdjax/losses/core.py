@@ -36,9 +36,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     the mean over real examples (``eps = label_smoothing``; 0 is the plain cross-entropy).
     Reference: ``torch.nn.CrossEntropyLoss(label_smoothing=eps)(logits, labels)`` (Szegedy et al.,
     2016: the target is ``(1 - eps) * onehot + eps / C``).
+
+    ``labels`` may also be soft targets ``[B, C]`` (mixup/cutmix's mixed one-hots): the target is
+    then ``(1 - eps) * t + eps / C``, timm's ``SoftTargetCrossEntropy`` of its smoothed mixed
+    targets (smoothing is linear, so smoothing the mix is mixing the smoothed one-hots).
     """
     logp = jax.nn.log_softmax(as_float(logits), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    labels = jnp.asarray(labels)
+    if labels.ndim == logp.ndim:
+        nll = -jnp.sum(labels.astype(logp.dtype) * logp, axis=-1)
+    else:
+        nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     eps = jnp.asarray(label_smoothing).astype(logp.dtype)
     per_example = (1.0 - eps) * nll + eps * -jnp.mean(logp, axis=-1)
     return masked_mean(per_example, mask)
