@@ -199,3 +199,33 @@ def test_runs_that_differ_in_mixing_alphas_train_together_with_one_compilation(d
     assert step._cache_size() == size
     # one seed, two alphas: two view groups, so the two runs saw other batches
     assert first[0].history[0]["train"]["loss"] != first[1].history[0]["train"]["loss"]
+
+
+def test_named_recipes_parse_and_the_command_line_wins(capsys):
+    from kdjax.cli import distill, flags, recipe
+
+    assert recipe.named_recipes() == ["function_matching", "imagenet_kd", "seed", "timm_kd"]
+    parser = distill.build_parser()
+    defaults = vars(flags.parse(parser, [], command="distill"))
+    assert vars(flags.parse(parser, ["--recipe", "seed"], command="distill")) == {**defaults, "recipe": "seed"}
+    timm = flags.parse(parser, ["--recipe", "timm_kd", "--lr", "0.002"], command="distill")
+    assert (timm.optimizer, timm.lr, timm.mixup_alpha, timm.ema_decay, timm.augment) == ("adamw", 0.002, 0.8, 0.9998,
+                                                                                       "randaugment")
+    imagenet = flags.parse(parser, ["--recipe", "imagenet_kd"], command="distill")
+    assert (imagenet.milestones, imagenet.batch_size, imagenet.gamma) == ([30, 60, 90], 256, 0.1)
+    for name in recipe.named_recipes():  # every recipe builds a valid config
+        args = flags.parse(parser, ["--recipe", name], command="distill")
+        flags.train_config(args, "resnet18")
+        assert recipe.describe(name).startswith(name + ":")
+    with pytest.raises(SystemExit):
+        flags.parse(parser, ["--recipe", "timm"], command="distill")
+    assert "--recipe 'timm' is not a recipe kdjax ships (did you mean timm_kd?)" in capsys.readouterr().err
+
+
+def test_a_changed_recipe_setting_is_named_when_a_run_resumes():
+    from kdjax.config import AugmentConfig, config_differences
+
+    recorded = _config(optim=OptimConfig(optimizer="adamw", lr=0.01), augment=AugmentConfig(mixup_alpha=0.8)).to_json()
+    now = _config(optim=OptimConfig(optimizer="adamw", lr=0.01, schedule="cosine"), augment=AugmentConfig(mixup_alpha=0.4))
+    assert config_differences(recorded, now) == ["optim.schedule: 'step' != 'cosine'", "augment.mixup_alpha: 0.8 != 0.4"]
+    assert config_differences(recorded, TrainConfig.from_json(recorded)) == []

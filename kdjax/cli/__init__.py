@@ -52,6 +52,22 @@ def _weights(subcommand: str):
     return run
 
 
+def _recipes(argv, prog):
+    """``kdjax recipes``: the named recipes, each with what it is and where its values come from."""
+    import textwrap
+
+    from kdjax.cli import recipe
+
+    if argv:
+        print(f"{prog}: error: takes no arguments (got {' '.join(argv)})", file=sys.stderr)
+        return 2
+    for name in recipe.named_recipes():
+        print(f"{name}  ({recipe.named_path(name)})")
+        print(textwrap.indent(textwrap.fill(recipe.describe(name), 96), "    "))
+    print("\nuse one with `kdjax distill --recipe NAME`; flags given on the command line win over it")
+    return 0
+
+
 # command -> (what `kdjax --help` says of it, its main(argv, prog) -> exit status)
 COMMANDS: dict[str, tuple[str, Callable[[list[str], str], int]]] = {
     "distill": ("the study: teacher, distillation runs per alpha, tables and plots", _distill),
@@ -61,6 +77,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str], str], int]]] = {
     "convert": ("a torchvision .pth/.pt -> a kdjax model directory", _weights("convert")),
     "export": ("a kdjax model directory -> a torchvision state_dict .pth", _weights("export")),
     "fetch": ("download torchvision's ImageNet weights of an architecture", _weights("fetch")),
+    "recipes": ("the named training recipes (--recipe NAME) and where their values come from", _recipes),
 }
 
 # the commands that may join a multi-process run: they exit through kdjax.distributed

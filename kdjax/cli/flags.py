@@ -256,21 +256,27 @@ def add_shared_flags(parser: argparse.ArgumentParser, *, gamma: float) -> None:
     parser.add_argument("--config", default=None, metavar="RECIPE.toml",
                         help="read every flag from a recipe file (what each study writes as OUT/recipe.toml); "
                              "flags given here win over the file's")
+    parser.add_argument("--recipe", default=None, metavar="NAME",
+                        help="a named recipe kdjax ships (`kdjax recipes` lists them: "
+                             + ", ".join(recipe.named_recipes()) + "); --config and flags given here win over it")
 
 
 def parse(parser: argparse.ArgumentParser, argv, *, command: str) -> argparse.Namespace:
-    """Parse ``argv`` after the tokens of its ``--config`` recipe (so the command line wins),
+    """Parse ``argv`` after the tokens of its ``--recipe`` and ``--config`` (so the command line wins),
     and apply the runtime settings before anything starts JAX's backend. A bad recipe file exits
     like a bad flag: usage and the file's problem, status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
-    config = pre.parse_known_args(argv)[0].config
-    if config is not None:
-        try:
-            argv = recipe.to_argv(config, parser, command) + argv
-        except recipe.RecipeError as err:
-            parser.error(str(err))
+    pre.add_argument("--recipe", default=None)
+    known = pre.parse_known_args(argv)[0]
+    try:  # the named recipe first, then the file, then the command line: each later one wins
+        if known.config is not None:
+            argv = recipe.to_argv(known.config, parser, command) + argv
+        if known.recipe is not None:
+            argv = recipe.to_argv(recipe.named_path(known.recipe), parser, command) + argv
+    except recipe.RecipeError as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
     setup_logging(verbosity(args))
     tune_xla_cpu(args.xla_cpu_tuning)

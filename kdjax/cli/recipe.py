@@ -23,11 +23,38 @@ import tomllib
 from typing import Any, Mapping
 
 RECIPE_FILE = "recipe.toml"
+NAMED_DIR = pathlib.Path(__file__).resolve().parents[1] / "recipes"  # kdjax/recipes/*.toml
+
+
+def named_recipes() -> list[str]:
+    """The names of the recipes kdjax ships (``kdjax/recipes/NAME.toml``)."""
+    return sorted(p.stem for p in NAMED_DIR.glob("*.toml"))
+
+
+def named_path(name: str) -> pathlib.Path:
+    """The file of the named recipe ``name``; an unknown name lists the known ones."""
+    path = NAMED_DIR / f"{name}.toml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, named_recipes(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise RecipeError(f"--recipe {name!r} is not a recipe kdjax ships{hint}; the recipes: "
+                          f"{', '.join(named_recipes())} (`kdjax recipes` describes them)")
+    return path
+
+
+def describe(name: str) -> str:
+    """The first lines of a named recipe's comment: what it is and where its values come from."""
+    lines = []
+    for line in named_path(name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return " ".join(lines)
 
 # How a run is launched, not what it computes: never written, and accepted from a file only
 # because a user may keep them there.
 LAUNCH_FLAGS = frozenset({
-    "config", "quiet", "verbose", "compile_cache", "coordinator_address", "num_processes", "process_id",
+    "config", "recipe", "quiet", "verbose", "compile_cache", "coordinator_address", "num_processes", "process_id",
     "distributed", "local_device_ids", "heartbeat_timeout", "initialization_timeout",
 })
 
@@ -94,8 +121,8 @@ def to_argv(path: str | pathlib.Path, parser: argparse.ArgumentParser, command: 
             close = difflib.get_close_matches(key, list(actions), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise RecipeError(f"{path}: {key} is not a flag of `kdjax {command}`{hint}; see `kdjax {command} --help`")
-        if key == "config":
-            raise RecipeError(f"{path}: a recipe cannot name another recipe (config = {value!r})")
+        if key in ("config", "recipe"):
+            raise RecipeError(f"{path}: a recipe cannot name another recipe ({key} = {value!r})")
         option = next(o for o in action.option_strings if o.startswith("--"))
         if _is_flag(action):
             if not isinstance(value, bool):
