@@ -14,6 +14,8 @@ measures two trees: run it with ``--tree DIR`` to import kdjax from another chec
 - ``imports``: importing the command and the library it uses;
 - ``data``, ``teacher_load``, ``student_init``, ``teacher_val``: loading the data, the teacher,
   the student's initial weights, and the teacher's pass over the validation views;
+- ``setup``: the step's spec and placing data and teacher on the devices (the teacher's pass
+  inside it is ``teacher_val``); ``states``: the runs' initial train states and groups;
 - ``restore``: opening each run's checkpoints (none to restore in a fresh study);
 - ``checkpoint``: orbax's epoch saves and waits; ``best_model``: best-model saves;
 - ``events``, ``summary``, ``plots``, ``recipe``: TensorBoard files, tables, figures, recipe.toml;
@@ -45,6 +47,14 @@ WRAPS = (
     ("student_init", "kdjax.weights", "initial_variables"),
     ("teacher_val", "kdjax.engine.evaluation", "teacher_eval_outputs"),
     ("teacher_val", "kdjax.train", "teacher_eval_outputs"),
+    ("setup", "kdjax.engine.trainer", "Trainer.place"),
+    ("setup", "kdjax.train", "_setup"),
+    ("setup", "kdjax.engine.step", "step_spec_for"),
+    ("setup", "kdjax.train", "step_spec_for"),
+    ("states", "kdjax.engine.trainer", "Trainer.initial_state"),
+    ("states", "kdjax.train", "create_train_state"),
+    ("states", "kdjax.engine.trainer", "Trainer.group"),
+    ("states", "kdjax.train", "layout_for"),
     ("restore", "kdjax.engine.store", "RunStore.__init__"),
     ("restore", "kdjax.engine.store", "RunStore.restore"),
     ("restore", "kdjax.train", "RunStore.__init__"),
@@ -62,20 +72,26 @@ WRAPS = (
 IMPORTS = ("kdjax.cli.distill", "kdjax.protocol", "kdjax.report", "kdjax.engine", "kdjax.train")
 
 
+_STACK: list[list[float]] = []  # per open timed call: [start, time spent in timed calls inside it]
+
+
 def _wrap(totals: dict, phase: str, owner, name: str) -> None:
+    """Time ``owner.name`` into ``totals[phase]``, exclusively: a timed call inside another
+    counts for its own phase only (the teacher's pass inside the setup is ``teacher_val``)."""
     original = getattr(owner, name)
-    depth = {"n": 0}
 
     @functools.wraps(original)
     def timed(*args, **kwargs):
-        depth["n"] += 1
-        t0 = time.perf_counter()
+        frame = [time.perf_counter(), 0.0]
+        _STACK.append(frame)
         try:
             return original(*args, **kwargs)
         finally:
-            depth["n"] -= 1
-            if depth["n"] == 0:  # a phase's calls nested in one another count once
-                totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - t0
+            _STACK.pop()
+            elapsed = time.perf_counter() - frame[0]
+            totals[phase] = totals.get(phase, 0.0) + elapsed - frame[1]
+            if _STACK:
+                _STACK[-1][1] += elapsed
 
     setattr(owner, name, timed)
 
@@ -171,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is not None:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"tree": str(args.tree), "run": i, **runs[-1]}) + "\n")
-    keys = [k for k in ("launch", "imports", "data", "teacher_load", "student_init", "teacher_val", "restore",
+    keys = [k for k in ("launch", "imports", "data", "teacher_load", "student_init", "teacher_val", "setup", "states",
+                        "restore",
                         "checkpoint", "best_model", "events", "summary", "plots", "recipe", "other", "exit",
                         "fixed", "epochs", "wall") if any(k in r for r in runs)]
     print(f"| phase (median of {len(runs)}, s) | {args.tree} |\n|:---|---:|")

@@ -20,6 +20,7 @@ On CPU the cross-process collectives are gloo's (JAX's default, compiled into ja
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -226,7 +227,11 @@ def exit_with(main: Callable[[], int], prog: str) -> NoReturn:
     line and leaves at once through ``os._exit``: a normal exit would wait in JAX's shutdown
     barrier for peers that themselves wait for it in a collective, and all would hang. Its
     peers then fail in their next collective, or are stopped by JAX's heartbeat check within
-    ``--heartbeat_timeout``. A single-process run exits normally (exceptions keep their traceback).
+    ``--heartbeat_timeout``. A single-process run's exception keeps its traceback; once its
+    ``main`` has returned, everything it wrote is closed (files are written atomically, stores
+    and event writers closed), so after flushing the console and the logs it leaves through
+    ``os._exit`` too, without the interpreter's teardown of JAX, XLA and their threads, which
+    does nothing a finished command needs (benchmarks/README.md, start-up).
     """
     try:
         code = main()
@@ -237,8 +242,14 @@ def exit_with(main: Callable[[], int], prog: str) -> NoReturn:
             traceback.print_exc()
         print(f"{prog}: error: {_failure_line(err)}", file=sys.stderr)
         code = 130 if isinstance(err, KeyboardInterrupt) else 1
-    if code and is_multiprocess():
+    multiprocess = is_multiprocess()
+    if code and multiprocess:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    if not multiprocess:  # a normal exit of a multi-process run passes JAX's shutdown barrier
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code or 0)
     sys.exit(code)

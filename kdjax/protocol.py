@@ -153,6 +153,8 @@ def run_paper(
     process 0 alone writes summary, plots and event files, and the others return None.
     """
     out = pathlib.Path(out).absolute()
+    if plots and distributed.is_primary():
+        report.preload_plotting()  # matplotlib's import, on a thread while the runs train
     jobs = [(a, r) for a in config.alphas for r in range(config.n_exp)]
     runs = [_student_run(config, dataset, out, alpha, run) for alpha, run in jobs]
     logdirs = [out / "tensorboard" / alpha_dir(alpha) / f"run_{run}" for alpha, run in jobs] if tensorboard else None

@@ -385,6 +385,29 @@ def curves(runs: Sequence[History], key: str,
     return per_run, epochs, mean
 
 
+_PRELOAD: list = []
+
+
+def preload_plotting() -> None:
+    """Import matplotlib's Agg figure on a background thread, so that the plots at the end of a
+    study find it loaded: its import is most of a figure's cost and would otherwise add to the
+    study's time after its last epoch (benchmarks/README.md, start-up). ``agg_figure``'s own import
+    waits for it on Python's import lock; an import error surfaces there, in the usual words."""
+    import threading
+
+    def load():
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+        except ImportError:
+            pass
+
+    if not _PRELOAD:
+        thread = threading.Thread(target=load, name="kdjax-preload-matplotlib", daemon=True)
+        thread.start()
+        _PRELOAD.append(thread)
+
+
 def agg_figure(figsize: tuple[float, float]):
     """A matplotlib ``Figure`` on the Agg canvas directly: no pyplot global state, no GUI backend
     selection (kdjax's figures: these curves, ``kdjax.evaluate``'s confusion matrix)."""

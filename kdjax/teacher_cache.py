@@ -15,6 +15,11 @@ epoch reused the first epoch's teacher outputs), and removed it (its PR #539).
 
     DIR/<digest>/key.json                 what the digest covers, readable
     DIR/<digest>/seed<s>_epoch<e>.npy     the teacher's logits for every training example
+
+The teacher's logits on the validation views (fixed views, not keyed by seed or epoch) are kept
+the same way, always, under ``$KDJAX_CACHE/teacher_val`` (``val_outputs_store``): a study rerun
+with another alpha, loss or recipe reads them instead of running the teacher over the whole
+validation split again (benchmarks/README.md, start-up).
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ import numpy as np
 import kdjax
 
 FORMAT = 1
+
+
+VAL_FILE = "val_logits.npy"
+# the teacher's validation logits are kept only up to this size (ImageNet's 50,000 x 1,000 would
+# take 200 MB: recomputing them is then the better deal)
+VAL_MAX_BYTES = 64 << 20
+
+
+def val_outputs_store(key: Mapping) -> "TeacherCache":
+    """The store of the teacher's validation logits for ``key`` (what they depend on)."""
+    root = os.environ.get("KDJAX_CACHE") or os.path.join("~", ".cache", "kdjax")
+    return TeacherCache(pathlib.Path(root).expanduser() / "teacher_val", key)
 
 
 class TeacherCache:
@@ -56,13 +73,29 @@ class TeacherCache:
         except (OSError, ValueError) as err:
             raise ValueError(f"--teacher_cache: unreadable entry {path} ({err}); delete it to recompute") from None
 
+    def load_outputs(self) -> np.ndarray | None:
+        """The stored validation logits, or None (absent or unreadable: they are computed again)."""
+        try:
+            return np.load(self.directory / VAL_FILE, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def save_outputs(self, logits: np.ndarray) -> None:
+        """Store the validation logits (a failure to write leaves them uncached, nothing else)."""
+        try:
+            self._write(self.directory / VAL_FILE, logits)
+        except OSError:
+            pass
+
     def save(self, seed: int, epoch: int, logits: np.ndarray, tag: str = "") -> None:
         """Store ``(seed, epoch)``'s logits atomically (a reader never sees half an entry)."""
+        self._write(self.path(seed, epoch, tag), logits)
+
+    def _write(self, path: pathlib.Path, logits: np.ndarray) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         key_file = self.directory / "key.json"
         if not key_file.is_file():
             key_file.write_text(self._key_text + "\n")
-        path = self.path(seed, epoch, tag)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as f:

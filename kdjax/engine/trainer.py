@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from kdjax import data, distributed, sharding, teacher_cache
+from kdjax import data, distributed, losses, sharding, teacher_cache
 from kdjax.data import stream
 from kdjax.engine import evaluation
 from kdjax.engine.groups import (
@@ -35,6 +35,10 @@ from kdjax.engine.groups import (
 from kdjax.engine.step import StepSpec, TrainState, create_train_state, hparams_for, init_aux
 
 _group_step_jit = jax.jit(group_step, static_argnames="program", donate_argnums=0)
+# a tree's leaves stacked, or one run's slice taken, as one program each (leaf by leaf, a state
+# of a few hundred arrays is as many dispatches)
+_stack = jax.jit(lambda *trees: jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees))
+_run_slice = jax.jit(lambda tree, k: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), tree))
 _group_epoch_jit = jax.jit(group_epoch, static_argnames="program", donate_argnums=0)
 
 
@@ -117,11 +121,36 @@ class Trainer:
             "t_val": None,
         }
         if self.teacher is not None:
-            # awaited: a multi-device program still in flight when orbax's threads move arrays can
-            # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
-            placed["t_val"] = jax.block_until_ready(evaluation.teacher_eval_outputs(
-                self.spec, placed["teacher"], placed["val_images"], self.batch_size, self.mesh))
+            store = teacher_cache.val_outputs_store(self._val_key()) if self._val_cacheable() else None
+            stored = None if store is None else store.load_outputs()
+            if stored is not None:
+                placed["t_val"] = losses.Outputs(self.replicate(stored))
+            else:
+                # awaited: a multi-device program still in flight when orbax's threads move arrays can
+                # leave XLA:CPU's collectives waiting for a device forever (seen on 4 simulated devices)
+                placed["t_val"] = jax.block_until_ready(evaluation.teacher_eval_outputs(
+                    self.spec, placed["teacher"], placed["val_images"], self.batch_size, self.mesh))
+                if store is not None:
+                    store.save_outputs(self.fetch(placed["t_val"].logits))
         self._placed = placed
+
+    def _val_cacheable(self) -> bool:
+        """Whether the teacher's validation logits are kept on disk: one process, logits only (a
+        feature loss reads the teacher's taps too), small enough (``teacher_cache.VAL_MAX_BYTES``)."""
+        n, classes = self.dataset["val"].num_examples, len(self.dataset.class_names)
+        members = max(1, len(self.teacher.members))
+        return (jax.process_count() == 1 and not self.spec.teacher_taps
+                and n * classes * members * 4 <= teacher_cache.VAL_MAX_BYTES)
+
+    def _val_key(self) -> dict:
+        """What the teacher's logits on the validation views depend on (all of it: a hit is the
+        same arrays, bit for bit)."""
+        spec = self.spec
+        return {"teacher_fingerprint": self.teacher.fingerprint, "data_fingerprint": self.dataset.fingerprint,
+                "teacher": repr(spec.teacher), "teacher_view": repr(spec.teacher_view),
+                "teacher_groups": repr(spec.teacher_groups), "image_size": spec.image_size,
+                "batch_size": self.batch_size, "devices": int(self.mesh.devices.size),
+                "backend": jax.default_backend(), "jax": jax.__version__}
 
     # ------------------------------------------------------------------ states and groups
 
@@ -145,7 +174,7 @@ class Trainer:
         hparams = self.replicate(jax.tree.map(lambda *xs: np.stack(xs), *[hparams_for(c) for c in configs]))
         group = Group(GroupProgram(self.spec, mode, self.mesh), tuple(seeds), self.replicate(layout), hparams,
                       len(configs))
-        stacked = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *states), self.replicated)
+        stacked = jax.device_put(_stack(*states), self.replicated)
         return group, stacked
 
     # ------------------------------------------------------------------ an epoch
@@ -229,4 +258,4 @@ class Trainer:
     @staticmethod
     def run_of(tree, k: int):
         """Run ``k``'s slice of a group's stacked ``tree``."""
-        return jax.tree.map(lambda a: a[k], tree)
+        return _run_slice(tree, np.int32(k))
