@@ -1,5 +1,6 @@
-"""Evaluate a saved model on one split of an ImageFolder tree (the command, ``kdjax evaluate`` or
-``python -m kdjax.evaluate``, is ``kdjax.cli.evaluate``).
+"""Evaluate a saved model on one split of a dataset: an ImageFolder tree, or any ``--data SPEC``
+of ``kdjax.data.sources`` (the command, ``kdjax evaluate`` or ``python -m kdjax.evaluate``, is
+``kdjax.cli.evaluate``).
 
 Writes ``evaluation.json``, ``evaluation.md`` and ``confusion.png`` into ``--out`` (default:
 ``eval_<split>`` beside the model directory): accuracy, per-class precision and recall, the
@@ -12,7 +13,9 @@ validation reads it), the model runs through the engine's evaluation forward
 (``kdjax.engine.evaluation.all_outputs``: fixed-shape batches, the last one padded, every example counted
 once) in the compute dtype its run validated in. So a run's ``best/`` evaluated on ``val`` scores
 exactly that run's ``best_val_acc``. Only the requested split is loaded, so a tree holding just
-``val/`` (or ``test/``) is enough; its decode cache is then its own, decoded once.
+``val/`` (or ``test/``) is enough; its decode cache is then its own, decoded once. With
+``--data``, ``--split`` names the role and its flag (``--val_split`` ...) what it reads, as in
+training (``kdjax.data.splits``).
 
 A bad input (model directory, data folder, split, classes, teacher) raises a ``ValueError``
 naming it (``ModelDirError``, ``DataError``).
@@ -54,7 +57,7 @@ class EvalConfig:
     """
 
     checkpoint: str | os.PathLike
-    data_dir: str | os.PathLike
+    data_dir: str | os.PathLike | None  # an ImageFolder tree (``--data folder:DIR``); or ``data``
     split: str = "val"
     cache_dir: str | os.PathLike | None = None
     batch_size: int = 32
@@ -62,8 +65,14 @@ class EvalConfig:
     teacher_arch: str | None = None
     dtype: str | None = None
     skip_bad_images: bool = False
+    data: str | None = None  # ``--data SPEC`` (``kdjax.data.sources.open_data``), in place of ``data_dir``
+    # how ``data`` is read: the split flags (the one of ``split`` is read), columns, class names
+    source: sources.SourceOptions = sources.SourceOptions()
 
     def __post_init__(self):
+        sources.data_spec(self.data, self.data_dir)  # not both
+        if self.data is None and self.data_dir is None:
+            raise ValueError("name the data to evaluate on: --data SPEC or --data_dir DIR")
         if self.split not in SPLITS:
             raise ValueError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
         if self.batch_size < 1:
@@ -118,8 +127,12 @@ def _compute_dtype(requested: str | None, meta: checkpoint.ModelMeta) -> str:
 
 
 def _load_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
-    """The split alone, at the model's image size, after checking that its folder exists and that
-    its classes are the model's (before anything is decoded)."""
+    """The split alone, at the model's image size, after checking that it exists and that its
+    classes are the model's (before anything is decoded)."""
+    given = config.source.given
+    folder_as_ever = config.data is None and all(spec is None or spec == role for role, spec in given.items())
+    if not folder_as_ever:
+        return _load_source_split(config, meta)
     root = pathlib.Path(config.data_dir).expanduser().absolute()
     if not root.is_dir():
         raise DataError(f"--data_dir {root}: no such folder")
@@ -131,6 +144,22 @@ def _load_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
     if source.class_names != meta.class_names:
         raise DataError(f"--data_dir {root}: the class folders of {config.split}/ {list(source.class_names)} are not "
                         f"the checkpoint's classes {list(meta.class_names)} (same names, same order required)")
+    return data.load_splits(source, image_size=meta.image_size, cache_dir=config.cache_dir, augment_splits=(),
+                            skip_bad_images=config.skip_bad_images)
+
+
+def _load_source_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
+    """``--data SPEC`` (or a folder sliced by a split flag): only ``config.split``'s role, read as
+    its flag (``--val_split`` ...) or its default says."""
+    from kdjax.data import splits
+
+    spec = sources.data_spec(config.data, config.data_dir)
+    options = dataclasses.replace(config.source, roles=splits.RoleRequest(needed=(config.split,), optional=()))
+    source = sources.open_data(spec, config.cache_dir, options)
+    if tuple(source.class_names) != tuple(meta.class_names):
+        raise DataError(f"--data {spec}: its classes {list(source.class_names)} are not the checkpoint's classes "
+                        f"{list(meta.class_names)} (same names, same order required; --class_names names "
+                        "plain integer labels)")
     return data.load_splits(source, image_size=meta.image_size, cache_dir=config.cache_dir, augment_splits=(),
                             skip_bad_images=config.skip_bad_images)
 
@@ -174,6 +203,7 @@ def evaluate(config: EvalConfig, mesh=None) -> dict:
         "image_size": meta.image_size,
         "compute_dtype": dtype,
         "data_dir": str(dataset.root),
+        "data": sources.data_spec(config.data, config.data_dir),
         "split": config.split,
         "data_fingerprint": dataset.fingerprint,
         "class_names": list(meta.class_names),

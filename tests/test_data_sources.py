@@ -49,7 +49,7 @@ RECORDED_CONTENT_VERSION = "1.1.0"
 
 
 def test_the_registry_holds_todays_kinds():
-    assert set(sources.SOURCES) == {"folder", "hymenoptera"}
+    assert set(sources.SOURCES) == {"folder", "hymenoptera", "tfds", "hf"}
     assert all(spec.help for spec in sources.SOURCES.values())
 
 

@@ -1,7 +1,8 @@
-"""``kdjax evaluate`` (also ``python -m kdjax.evaluate``): a saved model on one split of a folder.
+"""``kdjax evaluate`` (also ``python -m kdjax.evaluate``): a saved model on one split of a dataset.
 
-    python -m kdjax.evaluate --checkpoint DIR --data_dir D [--split val] [--out DIR]
-        [--teacher_file F [--teacher_arch A]] [--cache_dir C] [--batch_size 32]
+    python -m kdjax.evaluate --checkpoint DIR (--data_dir D | --data SPEC) [--split val]
+        [--val_split SPEC ...] [--out DIR] [--teacher_file F [--teacher_arch A]] [--cache_dir C]
+        [--batch_size 32]
 
 Writes ``evaluation.json``, ``evaluation.md`` and ``confusion.png`` into ``--out`` (default:
 ``eval_<split>`` beside the model directory); see :mod:`kdjax.evaluate`. A bad input (model
@@ -25,7 +26,8 @@ def build_parser(prog: str = "python -m kdjax.evaluate") -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a kdjax model directory, or a training run's directory (its best/)")
-    parser.add_argument("--split", choices=SPLITS, default="val")
+    parser.add_argument("--split", choices=SPLITS, default="val",
+                        help="the split evaluated (with --data, its --<split>_split flag says what it reads)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: eval_<split> beside the model directory)")
     parser.add_argument("--teacher_file", default=None, metavar="PATH",
@@ -47,8 +49,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m kdjax.evaluat
     from kdjax import evaluate
 
     try:
+        from kdjax.data import sources
+
         config = evaluate.EvalConfig(args.checkpoint, args.data_dir, args.split, args.cache_dir, args.batch_size,
-                                     args.teacher_file, args.teacher_arch, args.dtype, args.skip_bad_images)
+                                     args.teacher_file, args.teacher_arch, args.dtype, args.skip_bad_images,
+                                     data=args.data, source=sources.options_from_flags(args))
         record = evaluate.evaluate(config)
         paths = evaluate.write_report(record, args.out)
     except (ValueError, OSError, ImportError) as err:  # ModelDirError and DataError are ValueErrors

@@ -19,15 +19,35 @@ from kdjax.config import OptimConfig
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, training: bool = True) -> None:
-    """The data flags; an evaluation (``training=False``) names a folder that holds the split it
+    """The data flags; an evaluation (``training=False``) names data that holds the split it
     reads and takes its image size from the model."""
+    from kdjax.data import sources
+
     g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="SPEC",
+                   help="the dataset (default: " + ("download hymenoptera" if training else "--data_dir") + "): "
+                        + "; ".join(f"{name}: {spec.help}" for name, spec in sources.SOURCES.items()))
     if training:
         g.add_argument("--data_dir", default=None,
-                       help="ImageFolder root with train/ and val/ (default: download hymenoptera)")
+                       help="ImageFolder root with train/ and val/, the same as --data folder:DIR "
+                            "(default: download hymenoptera)")
     else:
-        g.add_argument("--data_dir", required=True, metavar="DIR",
-                       help="an ImageFolder root holding the split's folder")
+        g.add_argument("--data_dir", default=None, metavar="DIR",
+                       help="an ImageFolder root holding the split's folder (--data folder:DIR)")
+    for role, default in (("train", "train"), ("val", "validation, val, valid or test; a folder: val"),
+                          ("test", "test where there is one")):
+        g.add_argument(f"--{role}_split", default=None, metavar="SPEC",
+                       help=f"what {role} reads, in tfds's split syntax (train[:90%%], train[90%%:], train+validation; "
+                            f"default: {default})")
+    g.add_argument("--tfds_data_dir", default=None, metavar="DIR",
+                   help="where --data tfds:NAME is prepared (default tfds's: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    g.add_argument("--image_column", default=None, metavar="NAME",
+                   help="the image feature or column of a tfds or hf dataset (default: its image / supervised key)")
+    g.add_argument("--label_column", default=None, metavar="NAME",
+                   help="the integer label feature or column of a tfds or hf dataset (default: its label)")
+    g.add_argument("--class_names", default=None, metavar="A,B,C",
+                   help="names of the labels 0, 1, ... of a tfds or hf dataset (default: its ClassLabel names, "
+                        "else the label values)")
     g.add_argument("--cache_dir", default=None,
                    help="decode cache and downloads (default $KDJAX_CACHE/datasets or ~/.cache/kdjax)")
     if training:
@@ -70,7 +90,7 @@ def add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=tuple(optim.OPTIMIZERS), default="sgd",
                    help="; ".join(f"{name}: {spec.help}" for name, spec in optim.OPTIMIZERS.items()))
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd, lars)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"),
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("BETA1", "BETA2"),
                    help="adamw and lamb's moment decays")
     g.add_argument("--eps", type=float, default=None,
                    help="adamw/lamb's denominator term, lars' trust-ratio term (default: the optimiser's, "
@@ -434,10 +454,13 @@ def train_config(args: argparse.Namespace, arch: str, distill=None):
 
 def load_data(args: argparse.Namespace, arch: str):
     from kdjax import data, distributed
+    from kdjax.data import sources
 
+    spec, options = sources.data_spec(args.data, args.data_dir), sources.options_from_flags(args)
     # process 0 downloads and decodes first: the others then find the shared cache filled
     with distributed.primary_first("kdjax.cli.load_data"):
-        return data.load_splits(args.data_dir, image_size=image_size(args, arch), cache_dir=args.cache_dir,
+        source = sources.open_data(spec, args.cache_dir, options)
+        return data.load_splits(source, image_size=image_size(args, arch), cache_dir=args.cache_dir,
                                 skip_bad_images=args.skip_bad_images, in_memory=args.data_in_memory,
                                 verify_data=args.verify_data)
 

@@ -130,10 +130,12 @@ def to_argv(path: str | pathlib.Path, parser: argparse.ArgumentParser, command: 
             if value != action.default:
                 tokens.append(option)
             continue
-        if action.nargs in ("+", "*"):
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             values = value if isinstance(value, list) else [value]
             if action.nargs == "+" and not values:
                 raise RecipeError(f"{path}: {key} = [] needs at least one value")
+            if isinstance(action.nargs, int) and len(values) != action.nargs:
+                raise RecipeError(f"{path}: {key} = {value!r} takes {action.nargs} values")
             tokens += [option, *(_scalar_token(path, key, v, action) for v in values)]
             continue
         tokens += [option, _scalar_token(path, key, value, action)]

@@ -1,9 +1,14 @@
-"""The input pipeline: a data source (an ImageFolder tree), its decode cache, torchvision's
+"""The input pipeline: a data source (a folder, tfds, Parquet, arrays), its decode cache, torchvision's
 transforms, the on-device augmentation and fixed-shape masked batches.
 
     folder        scan an ImageFolder tree (torchvision's rules), digest it
     hymenoptera   the study's data set: checksummed download and extraction
-    sources       a dataset before decoding, the registry of its kinds, --data_dir -> a source
+    sources       a dataset before decoding, the registry of its kinds, --data SPEC -> a source
+    splits        kdjax's train/val/test as slices of a dataset's splits (tfds's syntax)
+    records       datasets of numbered records (tfds, Parquet, arrays) as sources
+    tfds_source   tfds:NAME[:VERSION], prepared ArrayRecord files read without TensorFlow
+    parquet_source  hf:DIR|ID, Hugging Face Parquet files read with pyarrow
+    arrays        from_arrays: (image, label) pairs held in Python as a source
     decode_cache  decode a source once into a tfds array_record cache keyed by its content
     transforms    torchvision's eval view (Resize + CenterCrop) on the host
     augment       RandomResizedCrop + flip + Normalize on the device, counter-based keys
@@ -27,7 +32,7 @@ _LAZY = {
     "load_splits": "batches", "LoadOptions": "batches", "put_batch": "batches",
     "put_epoch_order": "batches", "put_replicated": "batches", "take_rows": "batches",
     "train_views": "batches", "decide_in_memory": "batches", "IN_MEMORY_CHOICES": "batches",
-    "DataError": "folder",
+    "DataError": "folder", "from_arrays": "arrays", "open_data": "sources", "SourceOptions": "sources",
 }
 
 

@@ -1,9 +1,9 @@
 """The input pipeline: decoded splits, held on the device or read on demand, and fixed-shape
 padded and masked batches.
 
-``load_splits`` opens a data source (``kdjax.data.sources``: an ImageFolder tree, or hymenoptera
-downloaded), its decode cache (``kdjax.data.decode_cache``) and returns a ``Dataset`` of
-``Split``s. Every split knows its
+``load_splits`` opens a data source (``kdjax.data.sources``: an ImageFolder tree, hymenoptera
+downloaded, a tfds or Hugging Face dataset, arrays), its decode cache
+(``kdjax.data.decode_cache``) and returns a ``Dataset`` of ``Split``s. Every split knows its
 records (``SplitRecords``: names, labels, sizes) and reads any of them on demand (``Split.
 train_rows``, ``Split.eval_images``: what ``kdjax.data.stream`` feeds). Held in memory
 (``--data_in_memory``, ``decide_in_memory``), a split also carries host arrays ready to be
@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kdjax.data import augment, decode_cache, sources
-from kdjax.data.folder import DEFAULT_SPLITS, IMG_EXTENSIONS, DataError
+from kdjax.data.folder import DEFAULT_SPLITS, IMG_EXTENSIONS, DataError, FolderSource
 from kdjax.sharding import (
     batch_sharding,
     check_batch_size,
@@ -294,15 +294,19 @@ def load_splits(data: sources.DataSource | os.PathLike | str | None, options: Lo
         s: Split(s, prepared.records[s], prepared.sources[s], s in options.augment_splits, None, None)
         for s in source.examples
     }
-    for s, split in loaded.items():
+    for s, split in loaded.items() if bad else ():  # only skipping can empty a class the source fills
         counts = np.bincount(split.labels, minlength=len(source.class_names))
-        empty = [source.class_names[c] for c in np.flatnonzero(counts == 0)]
-        if empty:
+        had = np.bincount([label for _, label in source.examples[s]], minlength=len(source.class_names))
+        empty = [source.class_names[c] for c in np.flatnonzero((counts == 0) & (had > 0))]
+        if empty and isinstance(source, FolderSource):
             raise DataError(
                 f"class folder(s) {', '.join(str(source.root / s / c) for c in empty)} have no "
                 "readable image left after --skip_bad_images; add images or remove the class "
                 "from every split."
             )
+        if empty:
+            raise DataError(f"class(es) {', '.join(empty)} of split {s} of {source.root} have no readable image left "
+                            "after --skip_bad_images; repair their images")
     held = decide_in_memory(options.in_memory,
                             sum(split.in_memory_bytes(options.image_size) for split in loaded.values()))
     if held:

@@ -1,5 +1,5 @@
-"""Decode a data source (``kdjax.data.sources``: today an ImageFolder tree) once into a
-tensorflow-datasets (array_record) cache.
+"""Decode a data source (``kdjax.data.sources``: an ImageFolder tree, a tfds or Hugging Face dataset, arrays)
+once into a tensorflow-datasets (array_record) cache.
 
 ``prepare`` writes one array_record file per split, example by example, with tfds' feature
 serialisation and its ``dataset_info.json`` (``tfds.folder_dataset.write_metadata``), and reads
@@ -46,7 +46,7 @@ reading the records.
 Preparing a cold cache announces itself with one ``kdjax: decoding ...`` line and one progress
 bar over the images, both on stderr; tfds' own output (its "Downloading and preparing" banner,
 its nested progress bars, its absl log records) is silenced while the cache is opened, see
-``_quiet_tfds``.
+``quiet_tfds``.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def _not_tfds_chatter(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def quiet_tfds() -> Iterator[None]:
     """Silence tfds' progress bars and its absl log records below ERROR, for this block only.
 
     tfds announces its steps through ``absl.logging`` and may draw tqdm bars; none of it says
@@ -405,10 +405,10 @@ def prepare(
         total = sum(len(entries) for entries in source.examples.values())
         console.line(f"kdjax: decoding {total} images of {source.root} into {path} (once; later runs read the cache)")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with _quiet_tfds(), console.bar(total=total, desc="decoding", unit="image") as bar:
+        with quiet_tfds(), console.bar(total=total, desc="decoding", unit="image") as bar:
             write_cache(path, source, spec, identity=identity, stop_on_unreadable=not skip_bad_images,
                         progress=bar.update)
-    with _quiet_tfds():
+    with quiet_tfds():
         sources = tfds.builder_from_directory(_data_dir(path)).as_data_source()
     stored = json.loads((path / INDEX_FILE).read_text())
     if digested:

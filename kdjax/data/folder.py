@@ -213,6 +213,11 @@ class FolderSource:
     def split_names(self) -> tuple[str, ...]:
         return tuple(self.index.files)
 
+    @property
+    def shard_lengths(self) -> Mapping[str, tuple[int, ...]]:
+        """Split -> its number of files, as one shard (what ``kdjax.data.splits`` slices)."""
+        return {split: (len(entries),) for split, entries in self.index.files.items()}
+
     def location(self, name: str) -> str:
         """Where the example ``name`` lies, as messages (and ``read``'s errors) name it."""
         return str(self.root / name)
