@@ -20,7 +20,6 @@ from conftest import make_image_folder, read_history
 from kdjax import checkpoint, data, engine, models
 from kdjax.config import DistillConfig, OptimConfig, TrainConfig
 from kdjax.models import layers
-from kdjax.models.spec import InputSpec, ModelSpec
 
 sys.path.insert(0, str(pathlib.Path(__file__).with_name("fixtures")))
 import tiny_net  # noqa: E402
@@ -70,8 +69,8 @@ def _student(arch=tiny_net.NAME, seed=2):
 
 
 def _config(**kw):
-    base = dict(optim=OptimConfig(lr=0.05, step_size=1, gamma=0.7), distill=DistillConfig(alpha=0.5, student_train="all"),
-                num_epochs=3, batch_size=4, image_size=32)
+    base = dict(optim=OptimConfig(lr=0.05, step_size=1, gamma=0.7),
+                distill=DistillConfig(alpha=0.5, student_train="all"), num_epochs=3, batch_size=4, image_size=32)
     return TrainConfig(**{**base, **kw})
 
 
@@ -131,7 +130,8 @@ def test_two_accumulated_batches_equal_one_batch_of_both_without_batchnorm(datas
 
     def spec_for(accum):
         config = _config(optim=OptimConfig(optimizer=optimizer, lr=0.05, step_size=1, accum_steps=accum))
-        spec = engine.step.step_spec_for(config, dataset, "no_norm", engine.teachers.from_variables(tiny_net.NAME, t_vars))
+        teacher = engine.teachers.from_variables(tiny_net.NAME, t_vars)
+        spec = engine.step.step_spec_for(config, dataset, "no_norm", teacher)
         return dataclasses.replace(spec, steps_per_epoch=2 if accum == 2 else 1), engine.hparams_for(config)
 
     spec2, hp = spec_for(2)
@@ -139,9 +139,10 @@ def test_two_accumulated_batches_equal_one_batch_of_both_without_batchnorm(datas
     for part in (range(4), range(4, 8)):
         state, _ = engine.train_step(state, t_vars, _micro_batch(split, list(part)), hp, spec2)
     spec1, hp = spec_for(1)
-    one, _ = engine.train_step(engine.step.create_train_state(student, spec1), t_vars, _micro_batch(split, list(range(8))),
-                               hp, spec1)
-    for a, b, before in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.params), jax.tree.leaves(student["params"])):
+    one, _ = engine.train_step(engine.step.create_train_state(student, spec1), t_vars,
+                               _micro_batch(split, list(range(8))), hp, spec1)
+    leaves = jax.tree.leaves
+    for a, b, before in zip(leaves(state.params), leaves(one.params), leaves(student["params"])):
         assert not np.allclose(a, before)
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b - before).max()))
 
@@ -225,7 +226,9 @@ def test_named_recipes_parse_and_the_command_line_wins(capsys):
 def test_a_changed_recipe_setting_is_named_when_a_run_resumes():
     from kdjax.config import AugmentConfig, config_differences
 
-    recorded = _config(optim=OptimConfig(optimizer="adamw", lr=0.01), augment=AugmentConfig(mixup_alpha=0.8)).to_json()
-    now = _config(optim=OptimConfig(optimizer="adamw", lr=0.01, schedule="cosine"), augment=AugmentConfig(mixup_alpha=0.4))
-    assert config_differences(recorded, now) == ["optim.schedule: 'step' != 'cosine'", "augment.mixup_alpha: 0.8 != 0.4"]
+    adamw = OptimConfig(optimizer="adamw", lr=0.01)
+    recorded = _config(optim=adamw, augment=AugmentConfig(mixup_alpha=0.8)).to_json()
+    now = _config(optim=dataclasses.replace(adamw, schedule="cosine"), augment=AugmentConfig(mixup_alpha=0.4))
+    assert config_differences(recorded, now) == ["optim.schedule: 'step' != 'cosine'",
+                                                 "augment.mixup_alpha: 0.8 != 0.4"]
     assert config_differences(recorded, TrainConfig.from_json(recorded)) == []
