@@ -248,6 +248,11 @@ class AugmentConfig:
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
     mix_mode: str = "batch"
+    # the crop before them: RandomResizedCrop ("resized", the seed's) or a random crop at the
+    # image's own size out of it padded by crop_padding ("pad", CIFAR's); with "pad" evaluation
+    # sees the image itself (no Resize + CenterCrop)
+    crop: str = "resized"
+    crop_padding: int = 4
 
     def __post_init__(self):
         from kdjax.data import randaugment  # the registry (it imports nothing of kdjax.config)
@@ -264,6 +269,8 @@ class AugmentConfig:
         _require(0 <= self.mix_switch_prob <= 1, f"--mix_switch_prob must be in [0, 1], got {self.mix_switch_prob}")
         _require(self.mix_mode in ("batch", "pair", "elem"),
                  f"--mix_mode must be batch, pair or elem, got {self.mix_mode!r}")
+        _require(self.crop in ("resized", "pad"), f"--crop must be resized or pad, got {self.crop!r}")
+        _require(self.crop_padding >= 0, f"--crop_padding must be >= 0, got {self.crop_padding}")
 
     @property
     def mixing(self) -> bool:
@@ -275,7 +282,7 @@ class AugmentConfig:
 
         return views.ViewPipeline(self.augment, self.randaugment_ops, self.randaugment_magnitude,
                                   self.random_erasing, self.mixup_alpha > 0, self.cutmix_alpha > 0, self.mix_prob,
-                                  self.mix_switch_prob, self.mix_mode, num_classes)
+                                  self.mix_switch_prob, self.mix_mode, num_classes, self.crop, self.crop_padding)
 
     def to_json(self, full: bool = False) -> dict:
         return _sparse(self, full)

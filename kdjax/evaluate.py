@@ -145,7 +145,13 @@ def _load_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
         raise DataError(f"--data_dir {root}: the class folders of {config.split}/ {list(source.class_names)} are not "
                         f"the checkpoint's classes {list(meta.class_names)} (same names, same order required)")
     return data.load_splits(source, image_size=meta.image_size, cache_dir=config.cache_dir, augment_splits=(),
-                            skip_bad_images=config.skip_bad_images)
+                            skip_bad_images=config.skip_bad_images, resize_size=_eval_resize(meta))
+
+
+def _eval_resize(meta: checkpoint.ModelMeta) -> int | None:
+    """The Resize() side of the evaluation views: the image as it is for a network that saw its
+    images whole (``--crop pad``, the CIFAR networks), else training's 256/224 proportion."""
+    return meta.image_size if meta.resize_size == meta.image_size else None
 
 
 def _load_source_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.Dataset:
@@ -161,7 +167,7 @@ def _load_source_split(config: EvalConfig, meta: checkpoint.ModelMeta) -> data.D
                         f"{list(meta.class_names)} (same names, same order required; --class_names names "
                         "plain integer labels)")
     return data.load_splits(source, image_size=meta.image_size, cache_dir=config.cache_dir, augment_splits=(),
-                            skip_bad_images=config.skip_bad_images)
+                            skip_bad_images=config.skip_bad_images, resize_size=_eval_resize(meta))
 
 
 def _top1(model, variables, view, images, batch_size: int, mesh) -> np.ndarray:

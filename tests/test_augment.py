@@ -159,3 +159,36 @@ def test_subpixel_crop_of_a_shrunk_image_is_well_defined():
     near = img[int(top) - 1 : int(top + side) + 2, int(left) - 1 : int(left + side) + 2]
     assert np.isfinite(out).all()
     assert (out >= near.min(axis=(0, 1))).all() and (out <= near.max(axis=(0, 1))).all()
+
+
+def _torchvision_pad_crops(img: np.ndarray, size: int, padding: int) -> np.ndarray:
+    """Every view torchvision's RandomCrop(size, padding) + RandomHorizontalFlip can give:
+    ``[offsets, flip, size, size, 3]`` (offsets top-major)."""
+    padded = TF.pad(torch.from_numpy(img).permute(2, 0, 1), [padding], fill=0)
+    span = padded.shape[1] - size + 1
+    views = [[TF.crop(padded, top, left, size, size) for left in range(padded.shape[2] - size + 1)]
+             for top in range(span)]
+    views = [v for row in views for v in row]
+    return np.stack([[v.permute(1, 2, 0).numpy(), TF.hflip(v).permute(1, 2, 0).numpy()] for v in views])
+
+
+def test_pad_crop_is_one_of_torchvisions_views_with_uniform_offsets():
+    """``--crop pad``: each view equals (exactly) torchvision's RandomCrop(32, padding=4) + flip at
+    some offset and flip; over 4,000 keys the 81 offsets are uniform (chi-square, p > 1e-3 at these
+    fixed seeds; a sampler off by one at either end leaves a row of offsets empty) and half flip."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(1, 256, (32, 32, 3), dtype=np.uint8)  # no zeros: the padding is told apart
+    canvas = np.zeros((40, 36, 3), np.uint8)
+    canvas[:32, :32] = img
+    canvas[32:, :] = 7  # the canvas beyond the image must never show
+    candidates = _torchvision_pad_crops(img, 32, 4).reshape(81 * 2, -1).astype(np.float32)
+    keys = jax.random.split(jax.random.key(5), 4000)
+    views = jax.jit(jax.vmap(lambda k: augment.pad_crop_view(k, jnp.asarray(canvas), jnp.array([32, 32]), 32, 4)))(keys)
+    views = np.asarray(views).reshape(len(keys), -1)
+    distance = ((views[:, None, :] - candidates[None]) ** 2).sum(-1)
+    match = distance.argmin(1)
+    assert (distance[np.arange(len(keys)), match] == 0).all()
+    offsets, flips = match // 2, match % 2
+    counts = np.bincount(offsets, minlength=81)
+    assert scipy.stats.chisquare(counts).pvalue > 1e-3
+    assert abs(flips.mean() - 0.5) < 0.03  # 4.7 sigma at n = 4000

@@ -194,20 +194,25 @@ def test_bad_input_is_named(encoded, tmp_path):
 
 
 def test_a_teacher_run_and_its_evaluation_on_a_parquet_set(tmp_path):
-    """``kdjax teacher --data hf:DIR`` trains and records the data's identity; ``kdjax evaluate
-    --data hf:DIR`` scores the run's best/ at its best_val_acc."""
+    """``kdjax teacher --data hf:DIR`` trains (a CIFAR network, ``--crop pad``) and records the
+    data's identity; ``kdjax evaluate --data hf:DIR`` scores the run's best/ at its best_val_acc,
+    on the same views: the images as they are, which best/'s meta.json records."""
     folder = tmp_path / "set"
     write_split(folder, "train", range(24), [i % 3 for i in range(24)], "PNG", CLASSES)
     write_split(folder, "validation", range(50, 59), [i % 3 for i in range(9)], "JPEG", CLASSES)
     common = ["--data", f"hf:{folder}", "--cache_dir", str(tmp_path / "cache")]
     with contextlib.redirect_stdout(io.StringIO()):
-        assert kdjax.cli.main(["teacher", *common, "--init", "scratch", "--arch", "resnet18", "--image_size", "32",
-                               "--num_epochs", "1", "--batch_size", "8", "--out", str(tmp_path / "run"),
-                               "--quiet"]) == 0
+        assert kdjax.cli.main(["teacher", *common, "--init", "scratch", "--arch", "resnet8", "--image_size", "32",
+                               "--crop", "pad", "--num_epochs", "1", "--batch_size", "8", "--out",
+                               str(tmp_path / "run"), "--quiet"]) == 0
     metrics = read_metrics(tmp_path / "run")
-    dataset = data.load_splits(sources.open_data(f"hf:{folder}", None), image_size=32, cache_dir=tmp_path / "cache")
+    dataset = data.load_splits(sources.open_data(f"hf:{folder}", None), image_size=32, cache_dir=tmp_path / "cache",
+                               resize_size=32)
     assert not dataset.decoded and metrics["run"]["data_fingerprint"] == dataset.fingerprint
-    assert 'data = "hf:' in (tmp_path / "run" / "recipe.toml").read_text()
+    recipe = (tmp_path / "run" / "recipe.toml").read_text()
+    assert 'data = "hf:' in recipe and 'crop = "pad"' in recipe
+    meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert (meta["image_size"], meta["resize_size"]) == (32, 32)
     with contextlib.redirect_stdout(io.StringIO()):
         assert kdjax.cli.main(["evaluate", "--checkpoint", str(tmp_path / "run"), *common,
                                "--out", str(tmp_path / "eval")]) == 0

@@ -205,7 +205,7 @@ def test_runs_that_differ_in_mixing_alphas_train_together_with_one_compilation(d
 def test_named_recipes_parse_and_the_command_line_wins(capsys):
     from kdjax.cli import distill, flags, recipe
 
-    assert recipe.named_recipes() == ["function_matching", "imagenet_kd", "seed", "timm_kd"]
+    assert recipe.named_recipes() == ["function_matching", "imagenet_kd", "mdistiller_cifar", "seed", "timm_kd"]
     parser = distill.build_parser()
     defaults = vars(flags.parse(parser, [], command="distill"))
     assert vars(flags.parse(parser, ["--recipe", "seed"], command="distill")) == {**defaults, "recipe": "seed"}
@@ -214,6 +214,9 @@ def test_named_recipes_parse_and_the_command_line_wins(capsys):
                                                                                        "randaugment")
     imagenet = flags.parse(parser, ["--recipe", "imagenet_kd"], command="distill")
     assert (imagenet.milestones, imagenet.batch_size, imagenet.gamma) == ([30, 60, 90], 256, 0.1)
+    cifar = flags.train_config(flags.parse(parser, ["--recipe", "mdistiller_cifar"], command="distill"), "resnet8")
+    assert (cifar.augment.crop, cifar.optim.milestones, cifar.batch_size, cifar.image_size) == (
+        "pad", (150, 180, 210), 64, 32)
     for name in recipe.named_recipes():  # every recipe builds a valid config
         args = flags.parse(parser, ["--recipe", name], command="distill")
         flags.train_config(args, "resnet18")

@@ -145,6 +145,10 @@ def add_augment_flags(parser: argparse.ArgumentParser) -> None:
                    help="with both alphas on, the probability of cutmix rather than mixup")
     g.add_argument("--mix_mode", choices=("batch", "pair", "elem"), default="batch",
                    help="one draw per batch, per pair of examples or per example (timm's mode)")
+    g.add_argument("--crop", choices=("resized", "pad"), default="resized",
+                   help="resized: RandomResizedCrop + flip (the seed's); pad: pad by --crop_padding, a random "
+                        "crop at --image_size + flip, and evaluation on the image itself (CIFAR's)")
+    g.add_argument("--crop_padding", type=int, default=4, help="--crop pad's zero padding on every side, px")
 
 
 def augment_config(args: argparse.Namespace):
@@ -153,7 +157,8 @@ def augment_config(args: argparse.Namespace):
     return AugmentConfig(augment=args.augment, randaugment_ops=args.randaugment_ops,
                          randaugment_magnitude=args.randaugment_magnitude, random_erasing=args.random_erasing,
                          mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, mix_prob=args.mix_prob,
-                         mix_switch_prob=args.mix_switch_prob, mix_mode=args.mix_mode)
+                         mix_switch_prob=args.mix_switch_prob, mix_mode=args.mix_mode, crop=args.crop,
+                         crop_padding=args.crop_padding)
 
 
 def add_batch_size(group) -> None:
@@ -460,9 +465,10 @@ def load_data(args: argparse.Namespace, arch: str):
     # process 0 downloads and decodes first: the others then find the shared cache filled
     with distributed.primary_first("kdjax.cli.load_data"):
         source = sources.open_data(spec, args.cache_dir, options)
-        return data.load_splits(source, image_size=image_size(args, arch), cache_dir=args.cache_dir,
+        size = image_size(args, arch)
+        return data.load_splits(source, image_size=size, cache_dir=args.cache_dir,
                                 skip_bad_images=args.skip_bad_images, in_memory=args.data_in_memory,
-                                verify_data=args.verify_data)
+                                verify_data=args.verify_data, resize_size=size if args.crop == "pad" else None)
 
 
 def accelerated() -> bool:

@@ -159,6 +159,31 @@ def random_view(
     return resized_crop(canvas, box, size, out_size, flip)
 
 
+def pad_crop_view(key: jax.Array, canvas: jax.Array, size: jax.Array, out_size: int, padding: int,
+                  flip_prob: float = 0.5) -> jax.Array:
+    """RandomCrop(out_size, padding) + RandomHorizontalFlip of one cached image (``--crop pad``,
+    the CIFAR recipe), 0..255 float32 ``[out_size, out_size, 3]``.
+
+    As torchvision: the image (the top-left ``size`` (h, w) of ``canvas``) is padded by
+    ``padding`` zeros on every side and a window of ``out_size`` is taken at a uniform offset,
+    ``top`` in ``[0, h + 2 * padding - out_size]`` (``RandomCrop.get_params``), the same for
+    ``left``; pixels outside the image read 0 (torchvision's ``fill=0``). An image smaller than
+    the window after padding keeps its top-left corner (torchvision raises; here the rest is 0).
+    """
+    k_crop, k_flip = jax.random.split(key)
+    k_top, k_left = jax.random.split(k_crop)
+    h, w = size[0].astype(jnp.int32), size[1].astype(jnp.int32)
+    top = jax.random.randint(k_top, (), 0, jnp.maximum(h + 2 * padding - out_size, 0) + 1)
+    left = jax.random.randint(k_left, (), 0, jnp.maximum(w + 2 * padding - out_size, 0) + 1)
+    rows = jnp.arange(out_size) + top - padding  # source pixel of each output row / column
+    cols = jnp.arange(out_size) + left - padding
+    inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+    canvas_h, canvas_w = canvas.shape[:2]
+    picked = canvas[jnp.clip(rows, 0, canvas_h - 1)][:, jnp.clip(cols, 0, canvas_w - 1)]
+    view = jnp.where(inside[:, :, None], picked.astype(jnp.float32), 0.0)
+    return jnp.where(jax.random.bernoulli(k_flip, flip_prob), view[:, ::-1], view)
+
+
 @dataclasses.dataclass(frozen=True)
 class View:
     """How a network sees a batch when it differs from the canonical one (``normalize``'s

@@ -234,6 +234,9 @@ class LoadOptions:
     extensions: tuple[str, ...] = IMG_EXTENSIONS
     in_memory: str | bool = "auto"
     verify_data: bool = False
+    # the evaluation views' Resize() side (None: torchvision's 256/224 proportion of image_size;
+    # image_size itself: the image as it is, for ``--crop pad``)
+    resize_size: int | None = None
 
     def __post_init__(self):
         for name in ("splits", "augment_splits", "extensions"):
@@ -276,7 +279,8 @@ def load_splits(data: sources.DataSource | os.PathLike | str | None, options: Lo
     if notice:
         log.warning(notice)
     spec = decode_cache.CacheSpec(
-        image_size=options.image_size, max_side=options.max_side, augment_splits=options.augment_splits
+        image_size=options.image_size, resize_size=options.resize_size, max_side=options.max_side,
+        augment_splits=options.augment_splits,
     )
     prepared = decode_cache.prepare(source, spec, cache_dir, skip_bad_images=options.skip_bad_images,
                                     verify=options.verify_data)

@@ -39,7 +39,9 @@ class ViewPipeline:
     ``randaugment_ops``/``randaugment_magnitude`` for RandAugment); ``random_erasing`` timm's
     probability (pixel mode); ``mixup``/``cutmix`` whether each is on (their alphas are traced);
     ``mix_prob``, ``mix_switch_prob``, ``mix_mode`` timm's Mixup's ``prob``, ``switch_prob``,
-    ``mode``; ``num_classes`` the soft targets' width."""
+    ``mode``; ``num_classes`` the soft targets' width; ``crop`` the crop before them: ``resized``
+    (RandomResizedCrop, ``augment.random_view``) or ``pad`` (a padded random crop at the image's
+    size, ``augment.pad_crop_view``, by ``crop_padding`` pixels)."""
 
     augment: str = "none"
     randaugment_ops: int = 2
@@ -51,6 +53,8 @@ class ViewPipeline:
     mix_switch_prob: float = 0.5
     mix_mode: str = "batch"
     num_classes: int = 2
+    crop: str = "resized"
+    crop_padding: int = 4
 
     @property
     def mixing(self) -> bool:
@@ -101,8 +105,12 @@ def train_views(rows, indices: jax.Array, mask: jax.Array, key: ViewKey, image_s
 
     indices = jnp.asarray(indices)
     keys = jax.vmap(lambda i: augment.example_key(key.seed, key.epoch, i))(indices)
-    crops = jax.vmap(augment.random_view, in_axes=(0, 0, 0, 0, None))(
-        keys, rows.canvas, rows.sizes, rows.orig_sizes, image_size)  # float32 holding 0..255
+    if pipeline.crop == "pad":
+        crops = jax.vmap(augment.pad_crop_view, in_axes=(0, 0, 0, None, None))(
+            keys, rows.canvas, rows.sizes, image_size, pipeline.crop_padding)
+    else:
+        crops = jax.vmap(augment.random_view, in_axes=(0, 0, 0, 0, None))(
+            keys, rows.canvas, rows.sizes, rows.orig_sizes, image_size)  # float32 holding 0..255
     strong = pipeline.strong
     if strong is not None:
         crops = strong.apply(_stream(keys, _AUGMENT_STREAM), crops.astype(jnp.uint8))

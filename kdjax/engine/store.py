@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kdjax import checkpoint, console, data, distributed, optim, sharding
+from kdjax import checkpoint, console, data, distributed, models, optim, sharding
 from kdjax.config import TrainConfig, config_differences
 from kdjax.engine import lock
 from kdjax.engine.writes import StoreWriteError, brief, orbax_quiet, write_errno, writing  # noqa: F401 (StoreWriteError: the store's error)
@@ -386,8 +386,12 @@ def save_best_model(directory: pathlib.Path, variables, student_arch: str, datas
     host = distributed.to_host(variables)
     if not distributed.is_primary():
         return
+    size = run.config.image_size
+    # a padded crop's student was evaluated on its images as they are: its model directory says so
+    inputs = None if run.config.augment.crop == "resized" else dataclasses.replace(
+        models.get(student_arch).input, crop_size=size, resize_size=size)
     checkpoint.save_model(
-        directory, host, arch=student_arch, class_names=dataset.class_names, image_size=run.config.image_size,
+        directory, host, arch=student_arch, class_names=dataset.class_names, image_size=size, inputs=inputs,
         provenance={**dict(run.provenance or {}), **epoch_provenance},
     )
 
