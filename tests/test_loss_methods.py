@@ -23,6 +23,7 @@ from torchdistill.losses.mid_level import ATLoss, DISTLoss, KDLoss
 from torchdistill.models.adaptation import ConvReg
 
 from kdjax import losses
+from kdjax.losses import adapters as losses_adapters
 
 TOL = {"float64": 1e-10, "float32": 1e-6}
 DTYPES = {"float64": (jnp.float64, torch.float64), "float32": (jnp.float32, torch.float32)}
@@ -173,7 +174,7 @@ def test_fitnet_hint_matches_torchdistill_convreg_and_mse(dtype_name):
     against torchdistill's ConvReg (without its ReLU) and MSELoss."""
     jdt, tdt = DTYPES[dtype_name]
     s, t = _maps(5, [(6, 4, 4, 16), (6, 4, 4, 32)])
-    reg = losses.features.Regressor(32)
+    reg = losses_adapters.Regressor(32)
     with jax.enable_x64(dtype_name == "float64"):
         variables = jax.tree.map(lambda a: jnp.asarray(a, jdt),
                                  reg.init(jax.random.key(0), jnp.zeros((1, 4, 4, 16), jdt), train=False))
@@ -207,7 +208,7 @@ def test_fitnet_hint_matches_torchdistill_convreg_and_mse(dtype_name):
 
 def test_pooled_matching_is_mse_through_a_linear_projector():
     s, t = _maps(7, [(5, 16), (5, 24)])
-    proj = losses.features.Projector(24)
+    proj = losses_adapters.Projector(24)
     variables = proj.init(jax.random.key(0), jnp.zeros((1, 16)), train=False)
 
     def f(x):

@@ -307,3 +307,78 @@ def total(
         loss = weight * value if loss is None else loss + weight * value
     return loss, values
 
+
+
+# The terms as plain functions on arrays, for a training loop of one's own: each is its registry
+# entry's term (the same code the engine runs), its hyper-parameters keywords with the registry's
+# defaults and checks, ``mask`` [B] (1 for real examples) optional. Every value is a mean over the
+# real examples; jit, grad and vmap them freely.
+
+def _plain(name: str, student_logits, teacher_logits, labels, mask, hparams: Mapping[str, float],
+           features: tuple = ((), ())) -> jax.Array:
+    spec = LOSSES[name]
+    values = {k: hp.default for k, hp in spec.hparams.items()}
+    values.update(hparams)
+    for k, v in hparams.items():
+        if isinstance(v, (int, float)):
+            spec.hparams[k].check(k, v)
+    student = Outputs(student_logits, features[0])
+    teacher = None if teacher_logits is None and not features[1] else Outputs(teacher_logits, features[1])
+    return spec.term(student, teacher, None if labels is None else jnp.asarray(labels), mask, values)
+
+
+def ce(student_logits, labels, *, mask=None, label_smoothing: float = 0.0) -> jax.Array:
+    """Cross-entropy with integer ``labels`` [B] (torch's CrossEntropyLoss, with label smoothing)."""
+    return _plain("ce", student_logits, None, labels, mask, {"label_smoothing": label_smoothing})
+
+
+def mse(student_logits, teacher_logits, *, mask=None) -> jax.Array:
+    """The seed's logit MSE, mean over batch x classes (torch's MSELoss)."""
+    return _plain("mse", student_logits, teacher_logits, None, mask, {})
+
+
+def kd(student_logits, teacher_logits, *, mask=None, temperature: float = 4.0) -> jax.Array:
+    """Hinton's soft targets, ``T^2 KL(softmax(t/T) || softmax(s/T))`` (torchdistill's KDLoss)."""
+    return _plain("kd", student_logits, teacher_logits, None, mask, {"temperature": temperature})
+
+
+def dkd(student_logits, teacher_logits, labels, *, mask=None, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
+        temperature: float = 4.0) -> jax.Array:
+    """Decoupled KD, ``dkd_alpha * TCKD + dkd_beta * NCKD`` (mdistiller's); its warm-up (a weight
+    ramp over epochs) is the caller's: multiply by ``min(epoch / 20, 1)`` as mdistiller does."""
+    return _plain("dkd", student_logits, teacher_logits, labels, mask,
+                  {"dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "temperature": temperature})
+
+
+def dist(student_logits, teacher_logits, *, mask=None, dist_beta: float = 1.0, dist_gamma: float = 1.0,
+         dist_tau: float = 1.0) -> jax.Array:
+    """DIST's inter- and intra-class Pearson terms (torchdistill's DISTLoss)."""
+    return _plain("dist", student_logits, teacher_logits, None, mask,
+                  {"dist_beta": dist_beta, "dist_gamma": dist_gamma, "dist_tau": dist_tau})
+
+
+def _maps(x) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def fitnet(student_maps, teacher_maps, *, mask=None) -> jax.Array:
+    """FitNets' hint: the sum over pairs of the MSE of a student map [B, H, W, C] (already through
+    the caller's regressor, e.g. ``kdjax.losses.adapters.Regressor``) and a teacher map; a map or
+    a sequence of them on each side. Maps of other sizes are pooled to the smaller, as in runs."""
+    return _plain("fitnet", None, None, None, mask, {}, (_maps(student_maps), _maps(teacher_maps)))
+
+
+def at(student_maps, teacher_maps, *, mask=None) -> jax.Array:
+    """Attention transfer (p = 2) summed over pairs of maps [B, H, W, C] (torchdistill's ATLoss);
+    the paper's beta = 1000 is a weight of 500 on this value."""
+    return _plain("at", None, None, None, mask, {}, (_maps(student_maps), _maps(teacher_maps)))
+
+
+def pooled(student_features, teacher_features, *, mask=None) -> jax.Array:
+    """Pooled-feature matching: the MSE of pooled features [B, D] (the student's through the
+    caller's projector, e.g. ``kdjax.losses.adapters.Projector``)."""
+    return _plain("pooled", None, None, None, mask, {}, (_maps(student_features), _maps(teacher_features)))
+
+
+PLAIN: Mapping[str, Callable[..., jax.Array]] = {
+    "ce": ce, "mse": mse, "kd": kd, "dkd": dkd, "dist": dist, "fitnet": fitnet, "at": at, "pooled": pooled}

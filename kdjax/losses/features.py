@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses.core import as_float, masked_mean
-from kdjax.models import layers
 
 
 def match_spatial(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -91,32 +90,6 @@ def pooled_mse(student: jax.Array, teacher: jax.Array, mask: jax.Array | None = 
     return masked_mean(_per_example_mean(jnp.square(s - t)), mask)
 
 
-class Regressor(nn.Module):
-    """FitNets' regressor as torchdistill's ``ConvReg`` without its ReLU: a 1x1 ``Conv2d`` (with
-    bias, torch's default init) to the teacher's channels, then ``BatchNorm2d``."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        fan_in = x.shape[-1]
-        x = nn.Conv(self.features, (1, 1), use_bias=True, dtype=x.dtype, param_dtype=jnp.float32,
-                    kernel_init=layers.dense_kernel_init, bias_init=layers.dense_bias_init(fan_in),
-                    name="conv")(x)
-        return layers.BatchNorm(not train, dtype=x.dtype, name="bn")(x, mask)
-
-
-class Projector(nn.Module):
-    """A trained ``Linear`` from the student's pooled width to the teacher's (torch's init)."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        del train, mask
-        return layers.linear(self.features, x.shape[-1], x.dtype, name="linear")(x)
-
-
 # The registry's terms: (student outputs, teacher outputs, labels, mask, hyper-parameters) -> scalar;
 # a feature term's ``features`` are the tuple of its pairs' maps (the student's after its adapter).
 
@@ -136,6 +109,8 @@ def regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) ->
     if len(student_shape) != 4 or len(teacher_shape) != 4:
         raise ValueError(f"fitnet pairs spatial maps [B, H, W, C]; got taps of shapes {student_shape} and "
                          f"{teacher_shape} (use --loss pooled for pooled features)")
+    from kdjax.losses.adapters import Regressor  # the model layers, only where a run trains one
+
     return Regressor(teacher_shape[-1])
 
 
@@ -143,4 +118,6 @@ def projector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) ->
     if len(student_shape) != 2 or len(teacher_shape) != 2:
         raise ValueError(f"pooled pairs pooled features [B, D]; got taps of shapes {student_shape} and "
                          f"{teacher_shape}")
+    from kdjax.losses.adapters import Projector
+
     return Projector(teacher_shape[-1])
