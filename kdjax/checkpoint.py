@@ -206,8 +206,10 @@ def read_meta(directory: os.PathLike) -> ModelMeta:
         raise ModelDirError(f"{meta_path}: unreadable ({err})") from err
     if meta.format != FORMAT:
         raise ModelDirError(f"{meta_path}: format {meta.format!r}, this kdjax reads {FORMAT!r}")
-    if meta.arch not in models.ARCHS:
-        raise ModelDirError(f"{meta_path}: unknown arch {meta.arch!r}")
+    try:
+        models.get(meta.arch)  # a user's MODULE:ATTRIBUTE network is imported here
+    except ValueError as err:
+        raise ModelDirError(f"{meta_path}: {err}") from None
     return meta
 
 

@@ -199,6 +199,10 @@ def export(checkpoint_dir: os.PathLike, out: os.PathLike) -> tuple[pathlib.Path,
     import json
 
     _, variables, meta = checkpoint.load_model(checkpoint_dir)
+    if meta.arch not in models.BUILTIN:
+        raise ValueError(f"{checkpoint_dir}: {meta.arch!r} is a network of your own, and export writes the PyTorch "
+                         "state_dicts of kdjax's architectures only; use the model directory itself "
+                         "(kdjax.checkpoint.load_model) or its variables")
     out = pathlib.Path(out)
     if out.suffix not in (".pth", ".pt"):
         raise ValueError(f"--out {out}: give a .pth or .pt file name (the sidecar goes next to it as .json)")

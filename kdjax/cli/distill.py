@@ -40,13 +40,13 @@ def build_parser(prog: str = "kdjax distill") -> argparse.ArgumentParser:
                         "training run's directory (its best/), or a PyTorch file of --teacher_arch "
                         "(state_dict or whole model); several: an ensemble (--teacher_combine); "
                         "default: fine-tune one into OUT/teacher")
-    g.add_argument("--teacher_arch", nargs="+", choices=cli.arch_choices(), default=None,
+    g.add_argument("--teacher_arch", nargs="+", type=cli.arch_name, choices=cli.arch_choices(), default=None,
                    help="the teacher's architecture, or one per --teacher_file (default: a model "
                         "directory's own, else resnet50)")
     g.add_argument("--teacher_combine", choices=("mean", "sum"), default="mean",
                    help="several teachers: distil towards their mean probabilities (mean), or sum "
                         "each teacher's distillation terms (sum, as big_vision)")
-    g.add_argument("--student_arch", choices=cli.arch_choices(), default="resnet18")
+    g.add_argument("--student_arch", type=cli.arch_name, choices=cli.arch_choices(), default="resnet18")
     g.add_argument("--student_train", choices=STUDENT_TRAIN_MODES, default="fc",
                    help="fc: the seed (head only, BatchNorm statistics still update); "
                         "fc_frozen_bn: frozen backbone; all: full fine-tuning")

@@ -256,10 +256,31 @@ def scan_epochs(args: argparse.Namespace) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.scan_epochs]
 
 
+class _ArchChoices(list):
+    """kdjax's architectures for argparse's ``choices``, which also admit a user's network named
+    ``MODULE:ATTRIBUTE`` (``arch_name``, the flags' type, has imported it by then)."""
+
+    def __contains__(self, name) -> bool:
+        return list.__contains__(self, name) or (isinstance(name, str) and ":" in name)
+
+
 def arch_choices() -> list[str]:
     from kdjax import models
 
-    return sorted(models.ARCHS)
+    return _ArchChoices(sorted(models.BUILTIN))
+
+
+def arch_name(value: str) -> str:
+    """An architecture flag's value: kdjax's name, or ``MODULE:ATTRIBUTE`` imported now, so that a
+    network that cannot be imported stops at the flag with the reason."""
+    if ":" in value:
+        from kdjax import models
+
+        try:
+            models.get(value)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def image_size(args: argparse.Namespace, arch: str) -> int:

@@ -26,7 +26,7 @@ def build_parser(prog: str = "kdjax teacher") -> argparse.ArgumentParser:
     parser.add_argument("--init", default="imagenet",
                         help="imagenet (torchvision weights), timm:NAME (timm's, e.g. timm:resnet50.a1_in1k), scratch, "
                              "or a model dir / PyTorch file")
-    parser.add_argument("--arch", "--teacher_arch", dest="arch", choices=cli.arch_choices(),
+    parser.add_argument("--arch", "--teacher_arch", dest="arch", type=cli.arch_name, choices=cli.arch_choices(),
                         default="resnet50", help="the teacher's architecture")
     parser.add_argument("--out", default="runs/teacher", help="work directory (resumed if present)")
     cli.add_shared_flags(parser, gamma=0.1)

@@ -242,4 +242,5 @@ def group_mode(spec: StepSpec, num_runs: int, share_frozen: bool) -> GroupMode:
     if num_runs == 1:
         return "single"
     loss = None if spec.teacher is None else spec.loss
-    return "shared" if share_frozen and can_share_backbone(spec.student_train, loss) else "vmap"
+    separable = models.get(spec.student_arch).backbone is not None  # a user's network is not
+    return "shared" if share_frozen and separable and can_share_backbone(spec.student_train, loss) else "vmap"

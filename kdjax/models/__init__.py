@@ -16,6 +16,7 @@ torchvision name mapping and a torch-free reader of ``.pth`` files.
     torchvision state_dict <-> flax variables, torchvision's ImageNet files
     timm        timm's parameter names onto the same networks, and its pretrained tags (timm_cfgs)
     torchfile   a safe reader of torch.save files (no torch, no pickled code run)
+    user        users' own networks (Linen, or NNX through flax's bridge): UserSpec, register
 """
 
 from kdjax.models.layers import (  # noqa: F401
@@ -25,12 +26,16 @@ from kdjax.models.layers import (  # noqa: F401
 )
 from kdjax.models.registry import (  # noqa: F401
     ARCHS,
+    BUILTIN,
     InputSpec,
     ModelSpec,
     create_model,
+    from_module,
     get,
     head_params,
     num_outputs,
+    register,
     replace_head,
     without_head,
 )
+from kdjax.models.user import UserSpec, nnx_module  # noqa: F401

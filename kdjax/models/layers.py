@@ -251,7 +251,14 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int = 224) -> d
 # lambda per call would recompile the network's init for every run).
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init(model: nn.Module, key: jax.Array, image_size: int):
-    return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return model.init(_init_rngs(key), jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
+def _init_rngs(key: jax.Array) -> dict:
+    """``{'params': key}`` (what a bare key means to flax, so kdjax's networks draw the same
+    parameters), plus a ``dropout`` stream: an NNX module's ``nnx.Dropout`` takes one when it is
+    built, and flax's bridge builds it inside ``init``."""
+    return {"params": key, "dropout": jax.random.fold_in(key, 1)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -263,7 +270,8 @@ def abstract_variables(model: nn.Module, image_size: int = 224) -> dict:
 
     def trace() -> dict:
         dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-        return {"batch_stats": {}, **jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)}
+        return {"batch_stats": {}, **jax.eval_shape(lambda x: model.init(_init_rngs(jax.random.key(0)), x, train=False),
+                                                     dummy)}
 
     return shapes.cached(model, image_size, trace)
 

@@ -8,18 +8,20 @@ architecture touches its network module, one entry here and a test.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from kdjax.models import cifar, convnext, efficientnet, layers, mobilenet, resnet, vit
+from kdjax.models import cifar, convnext, efficientnet, layers, mobilenet, resnet, user, vit
 from kdjax.models.spec import InputSpec, ModelSpec  # noqa: F401 (the registry's types)
 
 Dtype = Any
 
-ARCHS: Mapping[str, ModelSpec] = {
+# kdjax's own architectures, then users' (``register``, ``from_module``, ``MODULE:ATTRIBUTE``)
+ARCHS: dict[str, ModelSpec] = {
     **resnet.SPECS,
     **mobilenet.SPECS,
     **efficientnet.SPECS,
@@ -27,14 +29,57 @@ ARCHS: Mapping[str, ModelSpec] = {
     **vit.SPECS,
     **cifar.SPECS,
 }
+BUILTIN: frozenset[str] = frozenset(ARCHS)
+_anonymous = itertools.count()
 
 
 def get(arch: str) -> ModelSpec:
-    """The registry entry of ``arch``; a ValueError lists the known names."""
+    """The registry entry of ``arch``; a ``MODULE:ATTRIBUTE`` name is imported and registered on
+    first use (``kdjax.models.user.resolve``); a ValueError lists the known names."""
     try:
         return ARCHS[arch]
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}: expected one of {sorted(ARCHS)}") from None
+        if isinstance(arch, str) and ":" in arch:
+            return register(arch, user.resolve(arch))
+        raise ValueError(f"unknown architecture {arch!r}: expected one of {sorted(ARCHS)}, or a network of your "
+                         "own as MODULE:ATTRIBUTE (a kdjax.models.UserSpec)") from None
+
+
+def register(name: str, spec: user.UserSpec) -> ModelSpec:
+    """Add a user's network under ``name`` (kdjax's own names are refused; registering the same
+    name again replaces it). Returns its entry: ``name`` then works everywhere an architecture
+    name does (``--student_arch``, ``--teacher_arch``, model directories)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a network's name must be a non-empty string, got {name!r}")
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is one of kdjax's own architectures: register yours under another name")
+    if not isinstance(spec, user.UserSpec):
+        raise TypeError(f"register({name!r}, ...) takes a kdjax.models.UserSpec, got {type(spec).__name__}")
+    ARCHS[name] = user.model_spec(name, spec)
+    return ARCHS[name]
+
+
+def from_module(module: nn.Module, *, head: str | None = None, input: InputSpec = InputSpec(),
+                taps: Mapping[str, str] | None = None, name: str | None = None) -> str:
+    """Register a module instance (its ``num_classes`` field, where it has one, set per task) and
+    return the name it is registered under (``name``, or ``user:<ClassName>:<n>``)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_module takes a flax.linen Module, got {type(module).__name__}")
+
+    def build(num_classes: int) -> nn.Module:
+        return module.clone(num_classes=num_classes) if hasattr(module, "num_classes") else module
+
+    name = name or f"user:{type(module).__name__}:{next(_anonymous)}"
+    register(name, user.UserSpec(build, head=head, input=input, taps=dict(taps or {})))
+    return name
+
+
+def _require_head(arch: str) -> str:
+    head = get(arch).head
+    if not head:
+        raise ValueError(f"network {arch!r} names no classifier head (UserSpec.head): --student_train fc / "
+                         "fc_frozen_bn and a new task's head need it; name it, or train with --student_train all")
+    return head
 
 
 def create_model(arch: str, num_classes: int, dtype: Dtype = np.float32) -> nn.Module:
@@ -47,13 +92,13 @@ def create_model(arch: str, num_classes: int, dtype: Dtype = np.float32) -> nn.M
 
 def head_params(arch: str, params: Mapping) -> dict:
     """``{head: params[head]}``: what the head-only student modes optimise."""
-    head = get(arch).head
+    head = _require_head(arch)
     return {head: params[head]}
 
 
 def without_head(arch: str, tree: Mapping) -> dict:
     """``tree`` (params or a variables dict) without the classifier head's parameters."""
-    head = get(arch).head
+    head = _require_head(arch)
     if "params" in tree:
         return {**tree, "params": {k: v for k, v in tree["params"].items() if k != head}}
     return {k: v for k, v in tree.items() if k != head}
@@ -61,11 +106,13 @@ def without_head(arch: str, tree: Mapping) -> dict:
 
 def num_outputs(arch: str, variables: Mapping) -> int:
     """The number of classes the head of ``variables`` (``{'params': ...}``) predicts."""
-    return int(np.shape(variables["params"][get(arch).head]["bias"])[0])
+    head = variables["params"][_require_head(arch)]
+    return int(np.shape(head["bias"] if "bias" in head else head["kernel"])[-1])
 
 
 def replace_head(arch: str, variables: Mapping, key: jax.Array, num_classes: int) -> dict:
     """``variables`` with a fresh ``num_classes``-way head drawn as torch.nn.Linear draws one."""
-    spec = get(arch)
-    head = jax.device_get(layers.fresh_head(key, spec.head_width, num_classes))
-    return {**variables, "params": {**variables["params"], spec.head: head}}
+    spec, name = get(arch), _require_head(arch)
+    width = spec.head_width or int(np.shape(variables["params"][name]["kernel"])[0])  # a user's: its Dense's
+    head = jax.device_get(layers.fresh_head(key, width, num_classes))
+    return {**variables, "params": {**variables["params"], name: head}}

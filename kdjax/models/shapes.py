@@ -45,8 +45,8 @@ def _sources_digest() -> str:
 
 
 def _key(model: nn.Module, image_size: int) -> str | None:
-    if not type(model).__module__.startswith("kdjax.models."):
-        return None
+    if not type(model).__module__.startswith("kdjax.models.") or type(model).__module__ == "kdjax.models.user":
+        return None  # a user's network: its code is not among the sources digested here
     from kdjax import __version__
 
     payload = json.dumps([FORMAT, repr(model), image_size, __version__, flax.__version__, jax.__version__,

@@ -1,0 +1,126 @@
+"""Users' own networks (kdjax.models.user): a Linen module and an NNX one (through flax's bridge),
+named ``MODULE:ATTRIBUTE`` on the command line or registered in Python, as teacher and student:
+a feature loss on a named tap, vectorised runs, resume, the head modes, evaluate, predict, and
+the errors (an unimportable module named by a meta.json, a head or tap that is not there, export).
+The networks are tests/fixtures/user_nets.py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax.cli
+from conftest import make_image_folder, read_history, read_metrics
+from kdjax import checkpoint, models
+
+FIXTURES = pathlib.Path(__file__).with_name("fixtures")
+
+
+@pytest.fixture
+def user_nets(monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    yield
+    for name in [n for n in models.ARCHS if n.startswith("user_nets:")]:
+        del models.ARCHS[name]
+    sys.modules.pop("user_nets", None)
+
+
+def _main(*argv) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return kdjax.cli.main([str(a) for a in argv])
+
+
+def test_linen_and_nnx_networks_of_ones_own_train_resume_evaluate_and_predict(user_nets, tmp_path, capsys):
+    images = make_image_folder(tmp_path / "images", {"train": {"a": 6, "b": 6}, "val": {"a": 3, "b": 3}})
+    common = ["--data_dir", images, "--image_size", 32, "--batch_size", 4, "--cache_dir", tmp_path / "cache",
+              "--init", "scratch", "--quiet"]
+    assert _main("teacher", "--arch", "user_nets:teacher", "--num_epochs", 1, "--out", tmp_path / "teacher",
+                 *common) == 0
+    assert json.loads((tmp_path / "teacher" / "best" / "meta.json").read_text())["arch"] == "user_nets:teacher"
+
+    # a Linen student, whole, FitNet on its named tap, two runs vectorised; the same command again resumes
+    study = ["distill", "--student_arch", "user_nets:student", "--teacher_file", tmp_path / "teacher",
+             "--student_train", "all", "--loss", "ce:1", "fitnet:1", "--fitnet_pairs", "stride2:stride2",
+             "--n_exp", 2, "--vectorize", "on", "--num_epochs", 2, "--out", tmp_path / "linen", "--no_plots", *common]
+    assert _main(*study) == 0
+    runs = sorted((tmp_path / "linen").glob("alpha_*/run_*"))
+    first = [read_history(r) for r in runs]
+    assert len(runs) == 2 and [len(h) for h in first] == [2, 2]
+    assert all(h[-1]["train"]["fitnet"] > 0 and h[-1]["val"]["fitnet"] > 0 for h in first)
+    assert first[0][-1]["train"]["loss"] != first[1][-1]["train"]["loss"]  # two seeds
+    assert _main(*study) == 0
+    assert [read_history(r) for r in runs] == first  # restored from its checkpoints, nothing retrained
+
+    # an NNX student (BatchNorm statistics, dropout), its head only
+    assert _main("distill", "--student_arch", "user_nets:nnx_student", "--teacher_file", tmp_path / "teacher",
+                 "--student_train", "fc", "--alpha", 0.5, "--n_exp", 1, "--num_epochs", 1, "--out", tmp_path / "nnx",
+                 "--no_plots", *common) == 0
+    run = tmp_path / "nnx" / "alpha_0.5" / "run_0"
+    _, variables, meta = checkpoint.load_model(run / "best")
+    assert meta.arch == "user_nets:nnx_student" and set(variables["params"]) == {"conv", "bn", "head"}
+    assert _main("evaluate", "--checkpoint", run, "--data_dir", images, "--out", tmp_path / "eval",
+                 "--cache_dir", tmp_path / "cache") == 0
+    record = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert record["correct"] == round(read_metrics(run)["best_val_acc"] * 6)
+    capsys.readouterr()
+    image = next((images / "val" / "a").iterdir())
+    assert kdjax.cli.main(["predict", "--checkpoint", str(run / "best"), str(image)]) == 0
+    probs = json.loads(capsys.readouterr().out.splitlines()[-1])["probs"]
+    assert set(probs) == {"a", "b"} and abs(sum(probs.values()) - 1) < 1e-5
+
+    # export is for kdjax's own architectures
+    assert kdjax.cli.main(["export", "--checkpoint", str(tmp_path / "teacher" / "best"),
+                           "--out", str(tmp_path / "t.pth")]) == 2
+    assert "'user_nets:teacher' is a network of your own" in capsys.readouterr().err
+
+    # elsewhere, without the module: the model directory names what to make importable
+    del models.ARCHS["user_nets:teacher"]
+    sys.modules.pop("user_nets")
+    sys.path.remove(str(FIXTURES))
+    with pytest.raises(checkpoint.ModelDirError, match=r"its module 'user_nets' cannot be imported here .*PYTHONPATH"):
+        checkpoint.load_model(tmp_path / "teacher" / "best")
+
+
+class _Headless(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(self.num_classes, name="out")(x.mean((1, 2)))
+
+
+def test_register_from_module_and_their_errors():
+    with pytest.raises(ValueError, match="'resnet18' is one of kdjax's own architectures"):
+        models.register("resnet18", models.UserSpec(_Headless))
+    name = models.from_module(_Headless(5), taps={"pool": "nowhere"})
+    try:
+        model = models.create_model(name, 3)  # num_classes set per task
+        variables = models.init_variables(model, jax.random.key(0), 8)
+        assert variables["params"]["out"]["kernel"].shape == (3, 3)
+        with pytest.raises(ValueError, match=r"names no classifier head \(UserSpec.head\).*--student_train all"):
+            models.head_params(name, variables["params"])
+        with pytest.raises(ValueError, match=r"taps \['pool'\] of this network were not produced: no submodule at "
+                                             r"\['nowhere'\]"):
+            model.apply(variables, jnp.zeros((1, 8, 8, 3)), taps=True)
+        np.testing.assert_allclose(model.apply(variables, jnp.ones((2, 8, 8, 3))),
+                                   _Headless(3).apply(variables, jnp.ones((2, 8, 8, 3))))  # its own variables
+    finally:
+        del models.ARCHS[name]
+    with pytest.raises(ValueError, match=r"network 'kdjax_no_such_pkg:build': its module 'kdjax_no_such_pkg' cannot "
+                                         r"be imported here"):
+        models.get("kdjax_no_such_pkg:build")
+    with pytest.raises(ValueError, match=r"module 'json' has no attribute 'nope'"):
+        models.get("json:nope")
+    with pytest.raises(ValueError, match=r"calling dumps\(\) failed"):
+        models.get("json:dumps")
+    with pytest.raises(ValueError, match=r"__name__ is str, not a kdjax.models.UserSpec"):
+        models.get("json:__name__")
