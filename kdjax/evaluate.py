@@ -335,6 +335,19 @@ def summary(record: dict) -> str:
     return line
 
 
+class _CallableModule(type(sys)):
+    """This module, callable: ``kdjax.evaluate(checkpoint=..., data=...)`` is
+    ``kdjax.api.evaluate``, while ``kdjax.evaluate.evaluate(config)`` and the rest stay as they are."""
+
+    def __call__(self, **flags):
+        from kdjax import api
+
+        return api.evaluate(**flags)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
 if __name__ == "__main__":  # ``python -m kdjax.evaluate``: the command lives in kdjax.cli.evaluate
     from kdjax.cli import evaluate as _command
 

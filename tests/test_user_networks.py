@@ -124,3 +124,39 @@ def test_register_from_module_and_their_errors():
         models.get("json:dumps")
     with pytest.raises(ValueError, match=r"__name__ is str, not a kdjax.models.UserSpec"):
         models.get("json:__name__")
+
+
+def test_the_library_calls_run_the_commands_code_path(user_nets, tmp_path):
+    """``kdjax.distill(...)`` with a network registered in Python and keywords for flags gives the
+    runs the command line gives; ``kdjax.evaluate(...)`` scores one; bad keywords raise."""
+    import user_nets as nets
+
+    import kdjax
+
+    models.register("my_student", nets.small(4))
+    try:
+        images = make_image_folder(tmp_path / "images", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+        teacher = models.init_variables(models.create_model("user_nets:teacher", 2), jax.random.key(0), 32)
+        checkpoint.save_model(tmp_path / "teacher", teacher, arch="user_nets:teacher", class_names=["a", "b"],
+                              image_size=32, provenance={"note": "a test's own variables"})
+        common = dict(image_size=32, batch_size=4, num_epochs=1, cache_dir=tmp_path / "cache", init="scratch",
+                      quiet=True, no_plots=True, alpha=[0.5], n_exp=2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            study = kdjax.distill(data=images, teacher=tmp_path / "teacher", student="my_student",
+                                  out=tmp_path / "api", student_train="all", **common)
+            assert kdjax.cli.main(["distill", "--data_dir", str(images), "--teacher_file", str(tmp_path / "teacher"),
+                                   "--student_arch", "my_student", "--out", str(tmp_path / "cli"),
+                                   "--student_train", "all", "--alpha", "0.5", "--n_exp", "2", "--image_size", "32",
+                                   "--batch_size", "4", "--num_epochs", "1", "--cache_dir", str(tmp_path / "cache"),
+                                   "--init", "scratch", "--quiet", "--no_plots"]) == 0
+        assert [r.path.name for r in study.runs] == ["run_0", "run_1"] and study.summary
+        assert [read_history(r.path) for r in study.runs] == [
+            read_history(p) for p in sorted((tmp_path / "cli").glob("alpha_*/run_*"))]
+        record = kdjax.evaluate(checkpoint=study.runs[0].best, data=images, cache_dir=tmp_path / "cache")
+        assert record["num_examples"] == 4 and record["correct"] == round(study.runs[0].metrics["best_val_acc"] * 4)
+        with pytest.raises(ValueError, match=r"no flag --num_epoch \(did you mean num_epochs\?\)"):
+            kdjax.distill(data=images, out=tmp_path / "bad", num_epoch=3)
+        with pytest.raises(ValueError, match=r"--student_train.*invalid choice: 'everything'"):
+            kdjax.distill(data=images, out=tmp_path / "bad", student_train="everything")
+    finally:
+        del models.ARCHS["my_student"]

@@ -44,17 +44,22 @@ def build_parser(prog: str = "python -m kdjax.evaluate") -> argparse.ArgumentPar
     return parser
 
 
+def eval_config(args: argparse.Namespace):
+    """The ``kdjax.evaluate.EvalConfig`` of the parsed flags (also ``kdjax.api.evaluate``'s)."""
+    from kdjax import evaluate
+    from kdjax.data import sources
+
+    return evaluate.EvalConfig(args.checkpoint, args.data_dir, args.split, args.cache_dir, args.batch_size,
+                               args.teacher_file, args.teacher_arch, args.dtype, args.skip_bad_images,
+                               data=args.data, source=sources.options_from_flags(args))
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m kdjax.evaluate") -> int:
     args = flags.parse(build_parser(prog), argv, command="evaluate")
     from kdjax import evaluate
 
     try:
-        from kdjax.data import sources
-
-        config = evaluate.EvalConfig(args.checkpoint, args.data_dir, args.split, args.cache_dir, args.batch_size,
-                                     args.teacher_file, args.teacher_arch, args.dtype, args.skip_bad_images,
-                                     data=args.data, source=sources.options_from_flags(args))
-        record = evaluate.evaluate(config)
+        record = evaluate.evaluate(eval_config(args))
         paths = evaluate.write_report(record, args.out)
     except (ValueError, OSError, ImportError) as err:  # ModelDirError and DataError are ValueErrors
         return flags.fail(prog, err)

@@ -257,11 +257,14 @@ def scan_epochs(args: argparse.Namespace) -> bool | None:
 
 
 class _ArchChoices(list):
-    """kdjax's architectures for argparse's ``choices``, which also admit a user's network named
-    ``MODULE:ATTRIBUTE`` (``arch_name``, the flags' type, has imported it by then)."""
+    """kdjax's architectures for argparse's ``choices``, which also admit a user's network: one
+    registered in this process (``kdjax.models.register``) or named ``MODULE:ATTRIBUTE``
+    (``arch_name``, the flags' type, has imported it by then)."""
 
     def __contains__(self, name) -> bool:
-        return list.__contains__(self, name) or (isinstance(name, str) and ":" in name)
+        from kdjax import models
+
+        return list.__contains__(self, name) or name in models.ARCHS or (isinstance(name, str) and ":" in name)
 
 
 def arch_choices() -> list[str]:
