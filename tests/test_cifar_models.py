@@ -283,3 +283,35 @@ def test_bfloat16_compute_keeps_float32_parameters_statistics_and_logits(arch):
     assert {leaf.dtype for leaf in jax.tree.leaves((variables, updates))} == {jnp.dtype(jnp.float32)}
     assert logits.dtype == taps["pool"].dtype == jnp.float32
     assert {taps[t].dtype for t in taps if t != "pool"} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_an_mdistiller_checkpoint_converts_to_a_model_directory(tmp_path):
+    """A teacher as mdistiller's cifar_teachers.tar holds one (RepDistiller's training loop: a dict
+    of epoch, the state_dict under ``model``, the optimiser's state, a tensor accuracy and a numpy
+    best accuracy), read without torch by ``kdjax convert``: its logits are the torch network's
+    (TOL). A pickled numpy object array beside it is refused, nothing run."""
+    import kdjax.cli
+    from kdjax import checkpoint
+    from kdjax.models import torchfile
+
+    net = torch_cifar("resnet8", seed=3)
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    net(torch.randn(2, 3, 32, 32))[0].sum().backward()
+    optimiser.step()
+    net.eval()
+    src = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": net.state_dict(), "optimizer": optimiser.state_dict(),
+                "accuracy": torch.tensor(72.5), "best_acc": np.float64(72.5)}, src)
+    assert kdjax.cli.main(["convert", "--arch", "resnet8", "--src", str(src), "--out", str(tmp_path / "teacher"),
+                           "--class-names", ",".join(f"c{i}" for i in range(100))]) == 0
+    model, variables, meta = checkpoint.load_model(tmp_path / "teacher")
+    assert (meta.arch, meta.num_classes, meta.mean) == ("resnet8", 100, cifar.CIFAR100_INPUT.mean)
+    x = images(4, 32, seed=5)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[0].numpy()
+    got = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+    assert float(np.max(np.abs(got - want))) <= TOL
+    torch.save({"model": net.state_dict(), "names": np.array(["a", None], dtype=object)}, tmp_path / "bad.pth")
+    with pytest.raises(torchfile.UnsafePickleError, match="not numeric|refusing to load global"):
+        torchfile.load_state_dict(tmp_path / "bad.pth")

@@ -232,12 +232,45 @@ def _check_array(data: Any) -> np.ndarray:
     return data
 
 
+class _NumpyDtype:
+    """An inert stand-in for ``numpy.dtype`` as pickle rebuilds one (``dtype('f8', False, True)``,
+    then its state, whose second field is the byte order): numeric kinds only, never objects."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(name, str) or name[:1] not in "biufc?" or np.dtype(name).kind not in "biufc":
+            raise UnsafePickleError(f"a pickled numpy dtype {name!r} that is not numeric")
+        self.dtype, self.order = np.dtype(name), "="
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """``numpy.core.multiarray.scalar(dtype, bytes)``: a numeric numpy scalar (a training loop's
+    ``best_acc``), read from its bytes."""
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise UnsafePickleError("a pickled numpy scalar that is not a numeric value")
+    return np.frombuffer(data, dtype.dtype.newbyteorder(dtype.order))[0]
+
+
+def _latin1_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode(text, 'latin1')``: how pickle protocol 2 spells bytes (a numpy scalar's)."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise UnsafePickleError(f"_codecs.encode called with {type(text).__name__}, {encoding!r}")
+    return text.encode("latin1")
+
+
 _FUNCTIONS: dict[tuple[str, str], Callable] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # numpy scalars beside the weights (numpy 1 and 2 spell the module differently)
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("_codecs", "encode"): _latin1_bytes,
     # pickle protocol 2 spells builtins as __builtin__; nn.Module keeps a set of buffer names
     ("__builtin__", "set"): set,
     ("builtins", "set"): set,
@@ -286,6 +319,8 @@ class _Unpickler(pickle.Unpickler):
             return _Record
         if (module, name) == ("functools", "partial"):
             return _Partial
+        if (module, name) == ("numpy", "dtype"):
+            return _NumpyDtype
         if module.startswith(_MODULE_PACKAGES) and name.isidentifier() and name[:1].isupper():
             if full not in self._stubs:
                 self._stubs[full] = _StubMeta(name, (_ModuleStub,), {"torch_class": full})
