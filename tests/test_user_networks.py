@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import kdjax.cli
-from conftest import make_image_folder, read_history, read_metrics
+from conftest import REPO, make_image_folder, read_history, read_metrics
 from kdjax import checkpoint, models
 
 FIXTURES = pathlib.Path(__file__).with_name("fixtures")
@@ -160,3 +160,23 @@ def test_the_library_calls_run_the_commands_code_path(user_nets, tmp_path):
             kdjax.distill(data=images, out=tmp_path / "bad", student_train="everything")
     finally:
         del models.ARCHS["my_student"]
+
+
+def test_the_readme_network_module_registers_as_written(tmp_path, monkeypatch):
+    """README's "Your own networks" block, saved as the my_nets.py it says it is, names a network
+    that builds, initialises and reads its tap."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Your own networks (Linen or NNX)"):]
+    (tmp_path / "my_nets.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        model = models.create_model("my_nets:student", 3)
+        variables = models.init_variables(model, jax.random.key(0), 32)
+        logits, taps = model.apply(variables, jnp.ones((2, 32, 32, 3)), taps=True)
+        assert logits.shape == (2, 3) and taps["stride2"].shape == (2, 16, 16, 64)
+        assert models.head_params("my_nets:student", variables["params"])["head"]["kernel"].shape == (64, 3)
+    finally:
+        models.ARCHS.pop("my_nets:student", None)
+        sys.modules.pop("my_nets", None)
