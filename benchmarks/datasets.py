@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import time
@@ -84,38 +83,23 @@ def child(spec, tfds_dir, cache, rounds, image_size=112, batch=32):
     from kdjax import xla_cpu
 
     xla_cpu.apply()
-    import jax
-
-    from benchmarks.stream import _engine
+    from benchmarks.stream import held_against_streamed
     from kdjax import data
     from kdjax.data import sources
 
     opts = sources.SourceOptions(tfds_data_dir=tfds_dir) if spec.startswith("tfds:") else sources.SourceOptions()
-    paths, prep = {}, {}
-    for name, in_memory in (("in_memory", "on"), ("streamed", "off")):
+    prep = {}
+
+    def load(in_memory):
         t0 = time.perf_counter()
         ds = data.load_splits(sources.open_data(spec, None, opts), image_size=image_size, cache_dir=cache,
                               in_memory=in_memory)
-        prep[name] = {"load_s": time.perf_counter() - t0, "decoded": ds.decoded}
-        trainer, group, states = _engine(ds, image_size, batch)
-        jax.block_until_ready(trainer.placed["t_val"])
-        paths[name] = [ds, trainer, group, states]
-    seconds = {name: [] for name in paths}
-    for r in range(rounds + 1):
-        for name, p in paths.items():
-            ds, trainer, group, states = p
-            t0 = time.perf_counter()
-            states, _ = trainer.train_epoch(group, states, r)
-            trainer.validate(group, states, r)
-            p[3] = states
-            if r:
-                seconds[name].append(time.perf_counter() - t0)
-    n = paths["in_memory"][0]["train"].num_examples
-    out = {name: {"epoch_s": statistics.median(s), "images_per_s": n / statistics.median(s), "rounds": s}
-           for name, s in seconds.items()}
-    out["ratio_streamed_over_in_memory"] = out["streamed"]["images_per_s"] / out["in_memory"]["images_per_s"]
-    out.update(spec=spec, num_train=n, num_val=paths["in_memory"][0]["val"].num_examples, load=prep,
-               loadavg=os.getloadavg())
+        prep[in_memory] = {"load_s": time.perf_counter() - t0, "decoded": ds.decoded}
+        return ds
+
+    out, paths = held_against_streamed(load, image_size, rounds, batch)
+    out.update(spec=spec, num_train=paths["in_memory"][0]["train"].num_examples,
+               num_val=paths["in_memory"][0]["val"].num_examples, load=prep)
     return out
 
 

@@ -143,14 +143,15 @@ def child_memory(root: str, cache: str, image_size: int, steps: int, batch: int 
             "val_outputs": [int(t_val.logits.shape[0]), int(np.size(val["acc"]))]}
 
 
-def child_throughput(root: str, cache: str, image_size: int, rounds: int, batch: int = 32) -> dict:
+def held_against_streamed(load, image_size: int, rounds: int, batch: int = 32) -> tuple[dict, dict]:
+    """Whole epochs (train + the student's val outputs) of ``load("on")`` against ``load("off")``
+    (a dataset held on the device, the same streamed), interleaved, round 0 compiling; returns
+    the medians and the ratio, and each path's ``[dataset, trainer, group, states]``."""
     import jax
-
-    from kdjax import data
 
     paths = {}
     for name, in_memory in (("in_memory", "on"), ("streamed", "off")):
-        dataset = data.load_splits(root, image_size=image_size, cache_dir=cache, in_memory=in_memory)
+        dataset = load(in_memory)
         trainer, group, states = _engine(dataset, image_size, batch)
         jax.block_until_ready(trainer.placed["t_val"])
         paths[name] = [dataset, trainer, group, states]
@@ -167,9 +168,18 @@ def child_throughput(root: str, cache: str, image_size: int, rounds: int, batch:
     n = paths["in_memory"][0]["train"].num_examples
     out = {name: {"epoch_s": statistics.median(s), "images_per_s": n / statistics.median(s), "rounds": s}
            for name, s in seconds.items()}
-    out["host_crop_ms_per_image"] = host_crop_ms(paths["in_memory"][0]["train"], image_size)
     out["ratio_streamed_over_in_memory"] = out["streamed"]["images_per_s"] / out["in_memory"]["images_per_s"]
     out["loadavg"] = os.getloadavg()
+    return out, paths
+
+
+def child_throughput(root: str, cache: str, image_size: int, rounds: int, batch: int = 32) -> dict:
+    from kdjax import data
+
+    out, paths = held_against_streamed(
+        lambda in_memory: data.load_splits(root, image_size=image_size, cache_dir=cache, in_memory=in_memory),
+        image_size, rounds, batch)
+    out["host_crop_ms_per_image"] = host_crop_ms(paths["in_memory"][0]["train"], image_size)
     return out
 
 
