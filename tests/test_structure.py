@@ -47,7 +47,8 @@ def _under_main_guard(tree: ast.Module) -> set[int]:
 def test_library_modules_import_nothing_from_the_command_line():
     upward = []
     for p in _modules():
-        if p.relative_to(KDJAX).parts[0] in ("cli", "__main__.py"):
+        # api.py is the commands' face in Python (kdjax.distill runs kdjax distill's parser)
+        if p.relative_to(KDJAX).parts[0] in ("cli", "__main__.py", "api.py"):
             continue
         tree = ast.parse(p.read_text())
         guarded = _under_main_guard(tree)

@@ -39,7 +39,7 @@ def _main(*argv) -> int:
         return kdjax.cli.main([str(a) for a in argv])
 
 
-def test_linen_and_nnx_networks_of_ones_own_train_resume_evaluate_and_predict(user_nets, tmp_path, capsys):
+def test_linen_and_nnx_networks_of_ones_own_train_resume_evaluate_and_predict(user_nets, tmp_path, capsys, monkeypatch):
     images = make_image_folder(tmp_path / "images", {"train": {"a": 6, "b": 6}, "val": {"a": 3, "b": 3}})
     common = ["--data_dir", images, "--image_size", 32, "--batch_size", 4, "--cache_dir", tmp_path / "cache",
               "--init", "scratch", "--quiet"]
@@ -85,7 +85,8 @@ def test_linen_and_nnx_networks_of_ones_own_train_resume_evaluate_and_predict(us
     # elsewhere, without the module: the model directory names what to make importable
     del models.ARCHS["user_nets:teacher"]
     sys.modules.pop("user_nets")
-    sys.path.remove(str(FIXTURES))
+    # other test modules put the fixtures on the path as they are collected: take every entry off
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if str(p) != str(FIXTURES)])
     with pytest.raises(checkpoint.ModelDirError, match=r"its module 'user_nets' cannot be imported here .*PYTHONPATH"):
         checkpoint.load_model(tmp_path / "teacher" / "best")
 

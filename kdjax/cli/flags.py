@@ -385,7 +385,8 @@ def recipe_and_data(args: argparse.Namespace, parser: argparse.ArgumentParser, c
     """Write the run's resolved recipe to ``--out`` and load its data (what both training
     commands do once their config is checked)."""
     write_recipe(args, parser, command, arch)
-    return load_data(args, arch)
+    # --crop pad trains on padded crops of the images as they are: evaluation resizes to the size
+    return load_data(args, arch, resize_size=image_size(args, arch) if args.crop == "pad" else None)
 
 
 def tune_xla_cpu(setting: str) -> list[str]:
@@ -481,7 +482,9 @@ def train_config(args: argparse.Namespace, arch: str, distill=None):
     )
 
 
-def load_data(args: argparse.Namespace, arch: str):
+def load_data(args: argparse.Namespace, arch: str, resize_size: int | None = None):
+    """The splits of the data flags (``add_data_flags``) at ``arch``'s image size; ``resize_size``
+    is the evaluation resize (None: the recipe's 256/224 ratio)."""
     from kdjax import data, distributed
     from kdjax.data import sources
 
@@ -492,7 +495,7 @@ def load_data(args: argparse.Namespace, arch: str):
         size = image_size(args, arch)
         return data.load_splits(source, image_size=size, cache_dir=args.cache_dir,
                                 skip_bad_images=args.skip_bad_images, in_memory=args.data_in_memory,
-                                verify_data=args.verify_data, resize_size=size if args.crop == "pad" else None)
+                                verify_data=args.verify_data, resize_size=resize_size)
 
 
 def accelerated() -> bool:
