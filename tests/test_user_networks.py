@@ -127,9 +127,26 @@ def test_register_from_module_and_their_errors():
         models.get("json:__name__")
 
 
-def test_the_library_calls_run_the_commands_code_path(user_nets, tmp_path):
-    """``kdjax.distill(...)`` with a network registered in Python and keywords for flags gives the
-    runs the command line gives; ``kdjax.evaluate(...)`` scores one; bad keywords raise."""
+def _library_blocks(**substitutions) -> list[str]:
+    """The README's "As a library" code blocks, with its placeholder paths and sizes replaced."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### As a library"):text.index("### In your own training loop")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "README's 'As a library' holds the study call and the engine block"
+    for old, replacement in substitutions.items():
+        assert any(old in b for b in blocks), f"README's 'As a library' no longer says {old!r}"
+        blocks = [b.replace(old, replacement) for b in blocks]
+    return blocks
+
+
+def test_the_readme_library_calls_run_the_commands_code_path(user_nets, tmp_path):
+    """README's "As a library" blocks, run as written but for the placeholders (a generated
+    folder, a teacher of the test's own variables, a small network registered in Python as the
+    student, 32 px, one epoch, no ImageNet download): ``kdjax.distill(...)`` gives the runs the
+    command line gives, ``kdjax.evaluate(...)`` scores one, the engine block trains a run; bad
+    keywords raise."""
     import user_nets as nets
 
     import kdjax
@@ -140,21 +157,34 @@ def test_the_library_calls_run_the_commands_code_path(user_nets, tmp_path):
         teacher = models.init_variables(models.create_model("user_nets:teacher", 2), jax.random.key(0), 32)
         checkpoint.save_model(tmp_path / "teacher", teacher, arch="user_nets:teacher", class_names=["a", "b"],
                               image_size=32, provenance={"note": "a test's own variables"})
-        common = dict(image_size=32, batch_size=4, num_epochs=1, cache_dir=tmp_path / "cache", init="scratch",
-                      quiet=True, no_plots=True, alpha=[0.5], n_exp=2)
-        with contextlib.redirect_stdout(io.StringIO()):
-            study = kdjax.distill(data=images, teacher=tmp_path / "teacher", student="my_student",
-                                  out=tmp_path / "api", student_train="all", **common)
+        cache = f"cache_dir={str(tmp_path / 'cache')!r}"
+        small = f"image_size=32, batch_size=4, {cache}"
+        study_block, engine_block = _library_blocks(**{
+            '"path/to/imagefolder"': repr(str(images)), '"models/teacher"': repr(str(tmp_path / "teacher")),
+            '"runs/x"': repr(str(tmp_path / "api")), '"runs/mine"': repr(str(tmp_path / "engine")),
+            '"resnet18"': '"my_student"',
+            "num_epochs=30": f"num_epochs=1, warmup_epochs=0, {small}, init='scratch', quiet=True, no_plots=True",
+            '"val")': f'"val", {cache})', "image_size=224": f"image_size=32, {cache}",
+            '"imagenet"': '"scratch"', "TrainConfig(": "TrainConfig(num_epochs=1, batch_size=4, image_size=32, ",
+        })
+        namespace: dict = {}
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            exec(compile(study_block, "README.md (As a library)", "exec"), namespace)
             assert kdjax.cli.main(["distill", "--data_dir", str(images), "--teacher_file", str(tmp_path / "teacher"),
-                                   "--student_arch", "my_student", "--out", str(tmp_path / "cli"),
-                                   "--student_train", "all", "--alpha", "0.5", "--n_exp", "2", "--image_size", "32",
-                                   "--batch_size", "4", "--num_epochs", "1", "--cache_dir", str(tmp_path / "cache"),
-                                   "--init", "scratch", "--quiet", "--no_plots"]) == 0
+                                   "--student_arch", "my_student", "--out", str(tmp_path / "cli"), "--recipe",
+                                   "timm_kd", "--n_exp", "2", "--image_size", "32",
+                                   "--batch_size", "4", "--num_epochs", "1", "--warmup_epochs", "0", "--cache_dir",
+                                   str(tmp_path / "cache"), "--init", "scratch", "--quiet", "--no_plots"]) == 0
+        study, record = namespace["study"], namespace["record"]
         assert [r.path.name for r in study.runs] == ["run_0", "run_1"] and study.summary
+        assert all(f"{r.path} {r.metrics['best_val_acc']}" in printed.getvalue() for r in study.runs)
         assert [read_history(r.path) for r in study.runs] == [
             read_history(p) for p in sorted((tmp_path / "cli").glob("alpha_*/run_*"))]
-        record = kdjax.evaluate(checkpoint=study.runs[0].best, data=images, cache_dir=tmp_path / "cache")
         assert record["num_examples"] == 4 and record["correct"] == round(study.runs[0].metrics["best_val_acc"] * 4)
+
+        exec(compile(engine_block, "README.md (As a library, the engine)", "exec"), namespace)
+        assert np.isfinite(read_metrics(tmp_path / "engine")["best_val_acc"])
+
         with pytest.raises(ValueError, match=r"no flag --num_epoch \(did you mean num_epochs\?\)"):
             kdjax.distill(data=images, out=tmp_path / "bad", num_epoch=3)
         with pytest.raises(ValueError, match=r"--student_train.*invalid choice: 'everything'"):
