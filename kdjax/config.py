@@ -253,9 +253,25 @@ class AugmentConfig:
     # sees the image itself (no Resize + CenterCrop)
     crop: str = "resized"
     crop_padding: int = 4
+    # the student's Normalize() statistics, per RGB channel (None: its architecture's input spec):
+    # the data's own, e.g. CIFAR-100's for a torchvision network trained on CIFAR; best/'s
+    # meta.json records them, so evaluate and predict normalise as training did
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         from kdjax.data import randaugment  # the registry (it imports nothing of kdjax.config)
+
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+                _require(len(getattr(self, name)) == 3, f"--{name} takes 3 values (R G B), got {list(value)}")
+        _require((self.mean is None) == (self.std is None), "--mean and --std go together: give both or neither")
+        _require(self.std is None or min(self.std) > 0,
+                 f"--std must be > 0 per channel, got {self.std and list(self.std)}")
+        _require(self.mean is None or all(0 <= m <= 1 for m in self.mean),
+                 f"--mean is of 0..1 pixel values (as torchvision's Normalize), got {self.mean and list(self.mean)}")
 
         _require(self.augment in randaugment.AUGMENTS,
                  f"--augment {self.augment!r}: choose one of {', '.join(randaugment.AUGMENTS)}")
@@ -271,6 +287,11 @@ class AugmentConfig:
                  f"--mix_mode must be batch, pair or elem, got {self.mix_mode!r}")
         _require(self.crop in ("resized", "pad"), f"--crop must be resized or pad, got {self.crop!r}")
         _require(self.crop_padding >= 0, f"--crop_padding must be >= 0, got {self.crop_padding}")
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """``(mean, std)`` where the flags give them, else None (the network's own)."""
+        return None if self.mean is None else (self.mean, self.std)
 
     @property
     def mixing(self) -> bool:

@@ -198,8 +198,8 @@ def evaluate(config: EvalConfig, mesh=None) -> dict:
                                                                              config.teacher_arch)
 
     model, variables, _ = checkpoint.load_model(source, dtype=jnp_dtype, sharding=repl)
-    predicted = _top1(model, variables, step.network_view(meta.arch, meta.image_size), images, config.batch_size,
-                      mesh)
+    view = step.network_view(meta.arch, meta.image_size, (meta.mean, meta.std))  # as the directory records
+    predicted = _top1(model, variables, view, images, config.batch_size, mesh)
     confusion = confusion_matrix(labels, predicted, num_classes)
     correct = int(np.trace(confusion))
     record = {
@@ -223,7 +223,7 @@ def evaluate(config: EvalConfig, mesh=None) -> dict:
     if teacher is not None:
         t_vars = distributed.put_replicated(teacher.variables, repl)
         # in the run's dtype and seeing the batch as in training (kdjax.engine.step.step_spec_for)
-        t_view = step.network_view(teacher.arch, meta.image_size)
+        t_view = step.network_view(teacher.arch, meta.image_size, teacher.normalization)
         t_predicted = _top1(teacher.model.clone(dtype=jnp_dtype), t_vars, t_view, images, config.batch_size, mesh)
         t_correct = int(np.sum(t_predicted == labels))
         agreements = int(np.sum(t_predicted == predicted))

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_torch_reference import randomised, rendering, torch_cifar, torchdistill_resnet
+from benchmarks.cifar_torch_reference import randomised, rendering, torch_cifar, torchdistill_resnet
 from kdjax import models
 from kdjax.models import cifar, torchvision as tv
 from torch_reference import images, numpy_state_dict, running_stats, stat_error

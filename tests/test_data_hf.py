@@ -19,12 +19,15 @@ from PIL import Image
 
 import kdjax.cli
 from conftest import read_metrics
-from kdjax import data
+from kdjax import data, engine
 from kdjax.cli import flags
+from kdjax.config import DistillConfig, TrainConfig
 from kdjax.data import sources, transforms
+from kdjax.data.augment import View
 from kdjax.data.folder import DataError
 
 CLASSES = ("ants", "bees", "wasps")
+MEAN, STD = ("0.5", "0.4", "0.3"), ("0.2", "0.25", "0.3")  # a dataset's own statistics
 
 
 def _image(seed: int, size=(12, 10)) -> np.ndarray:
@@ -194,9 +197,10 @@ def test_bad_input_is_named(encoded, tmp_path):
 
 
 def test_a_teacher_run_and_its_evaluation_on_a_parquet_set(tmp_path):
-    """``kdjax teacher --data hf:DIR`` trains (a CIFAR network, ``--crop pad``) and records the
-    data's identity; ``kdjax evaluate --data hf:DIR`` scores the run's best/ at its best_val_acc,
-    on the same views: the images as they are, which best/'s meta.json records."""
+    """``kdjax teacher --data hf:DIR`` trains (a CIFAR network, ``--crop pad``, the data's own
+    ``--mean``/``--std``) and records the data's identity; ``kdjax evaluate --data hf:DIR`` scores
+    the run's best/ at its best_val_acc, on the same views: the images as they are, normalised as
+    in training, which best/'s meta.json records; as a teacher, best/ sees those statistics too."""
     folder = tmp_path / "set"
     write_split(folder, "train", range(24), [i % 3 for i in range(24)], "PNG", CLASSES)
     write_split(folder, "validation", range(50, 59), [i % 3 for i in range(9)], "JPEG", CLASSES)
@@ -204,15 +208,20 @@ def test_a_teacher_run_and_its_evaluation_on_a_parquet_set(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert kdjax.cli.main(["teacher", *common, "--init", "scratch", "--arch", "resnet8", "--image_size", "32",
                                "--crop", "pad", "--num_epochs", "1", "--batch_size", "8", "--out",
-                               str(tmp_path / "run"), "--quiet"]) == 0
+                               str(tmp_path / "run"), "--quiet", "--mean", *MEAN, "--std", *STD]) == 0
     metrics = read_metrics(tmp_path / "run")
     dataset = data.load_splits(sources.open_data(f"hf:{folder}", None), image_size=32, cache_dir=tmp_path / "cache",
                                resize_size=32)
     assert not dataset.decoded and metrics["run"]["data_fingerprint"] == dataset.fingerprint
     recipe = (tmp_path / "run" / "recipe.toml").read_text()
-    assert 'data = "hf:' in recipe and 'crop = "pad"' in recipe
+    assert 'data = "hf:' in recipe and 'crop = "pad"' in recipe and "mean = [0.5, 0.4, 0.3]" in recipe
     meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
-    assert (meta["image_size"], meta["resize_size"]) == (32, 32)
+    assert (meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]) == (32, 32, [0.5, 0.4, 0.3],
+                                                                                    [0.2, 0.25, 0.3])
+    teacher = engine.load_teacher(tmp_path / "run" / "best", dataset)
+    config = TrainConfig(distill=DistillConfig(alpha=0.5), image_size=32, batch_size=8)
+    assert engine.step.step_spec_for(config, dataset, "resnet8", teacher).teacher_view == View(32, (0.5, 0.4, 0.3),
+                                                                                                (0.2, 0.25, 0.3))
     with contextlib.redirect_stdout(io.StringIO()):
         assert kdjax.cli.main(["evaluate", "--checkpoint", str(tmp_path / "run"), *common,
                                "--out", str(tmp_path / "eval")]) == 0

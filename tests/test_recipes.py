@@ -18,7 +18,7 @@ import pytest
 
 from conftest import make_image_folder, read_history
 from kdjax import checkpoint, data, engine, models
-from kdjax.config import DistillConfig, OptimConfig, TrainConfig
+from kdjax.config import AugmentConfig, DistillConfig, OptimConfig, TrainConfig
 from kdjax.models import layers
 
 sys.path.insert(0, str(pathlib.Path(__file__).with_name("fixtures")))
@@ -163,8 +163,6 @@ def test_runs_that_differ_in_lr_decay_and_ema_train_together_with_one_compilatio
 
 
 def _strong(**kw):
-    from kdjax.config import AugmentConfig
-
     return AugmentConfig(**{"augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
                             **kw})
 
@@ -235,3 +233,14 @@ def test_a_changed_recipe_setting_is_named_when_a_run_resumes():
     assert config_differences(recorded, now) == ["optim.schedule: 'step' != 'cosine'",
                                                  "augment.mixup_alpha: 0.8 != 0.4"]
     assert config_differences(recorded, TrainConfig.from_json(recorded)) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mean": (0.5, 0.5, 0.5)}, "--mean and --std go together: give both or neither"),
+    ({"mean": (0.5, 0.5), "std": (0.2, 0.2, 0.2)}, r"--mean takes 3 values \(R G B\), got \[0.5, 0.5\]"),
+    ({"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.0, 0.2)}, r"--std must be > 0 per channel, got \[0.2, 0.0, 0.2\]"),
+    ({"mean": (125.3, 123.0, 113.9), "std": (0.2, 0.2, 0.2)}, r"--mean is of 0..1 pixel values"),
+])
+def test_bad_normalization_flags_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig(**kwargs)

@@ -149,6 +149,11 @@ def add_augment_flags(parser: argparse.ArgumentParser) -> None:
                    help="resized: RandomResizedCrop + flip (the seed's); pad: pad by --crop_padding, a random "
                         "crop at --image_size + flip, and evaluation on the image itself (CIFAR's)")
     g.add_argument("--crop_padding", type=int, default=4, help="--crop pad's zero padding on every side, px")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="the student's Normalize() mean, 0..1 (default: its architecture's; e.g. the data's own "
+                        "statistics); with --std; recorded in best/meta.json for evaluate and predict")
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="the student's Normalize() std (with --mean)")
 
 
 def augment_config(args: argparse.Namespace):
@@ -158,7 +163,7 @@ def augment_config(args: argparse.Namespace):
                          randaugment_magnitude=args.randaugment_magnitude, random_erasing=args.random_erasing,
                          mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, mix_prob=args.mix_prob,
                          mix_switch_prob=args.mix_switch_prob, mix_mode=args.mix_mode, crop=args.crop,
-                         crop_padding=args.crop_padding)
+                         crop_padding=args.crop_padding, mean=args.mean, std=args.std)
 
 
 def add_batch_size(group) -> None:

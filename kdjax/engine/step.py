@@ -129,13 +129,15 @@ def terms_of(loss: str) -> tuple[str, ...]:
     return ("ce", parsed[0][0]) if parsed[0][1] is None else tuple(name for name, _ in parsed)
 
 
-def network_view(arch: str, image_size: int) -> augment.View | None:
+def network_view(arch: str, image_size: int, normalization=None) -> augment.View | None:
     """How ``arch`` sees the canonical ``image_size`` batch: with its own Normalize() statistics
+    (``normalization``, a ``(mean, std)`` pair, where a model directory or the flags give others)
     and, for a network that takes one size only (ViT), resized to that size (a ViT teacher of a
     112 px student, or fine-tuned on the students' data); None where that is the batch as it is."""
     inputs = models.get(arch).input
     size = inputs.crop_size if models.get(arch).fixed_size else image_size
-    view = augment.View(size, tuple(inputs.mean), tuple(inputs.std))
+    mean, std = normalization or (inputs.mean, inputs.std)
+    view = augment.View(size, tuple(mean), tuple(std))
     return None if view == augment.View(image_size) else view
 
 
@@ -164,8 +166,9 @@ def step_spec_for(config: TrainConfig, dataset: data.Dataset, student_arch: str,
         student_train=config.student_train,
         loss="mse" if config.distill is None else config.distill.loss,
         image_size=config.image_size,
-        student_view=network_view(student_arch, config.image_size),
-        teacher_view=None if teacher is None else network_view(teacher.arch, config.image_size),
+        student_view=network_view(student_arch, config.image_size, config.augment.normalization),
+        teacher_view=None if teacher is None else network_view(teacher.arch, config.image_size,
+                                                               teacher.normalization),
         pairs=() if teacher is None else losses.objective(
             terms_of(config.distill.loss), config.distill.pairs, models.get(student_arch).taps,
             models.get(teacher.arch).taps).pairs,

@@ -388,8 +388,11 @@ def save_best_model(directory: pathlib.Path, variables, student_arch: str, datas
         return
     size = run.config.image_size
     # a padded crop's student was evaluated on its images as they are: its model directory says so
-    inputs = None if run.config.augment.crop == "resized" else dataclasses.replace(
+    augment = run.config.augment
+    inputs = None if augment.crop == "resized" else dataclasses.replace(
         models.get(student_arch).input, crop_size=size, resize_size=size)
+    if augment.normalization is not None:  # --mean/--std: evaluate and predict normalise as training did
+        inputs = dataclasses.replace(inputs or models.get(student_arch).input, mean=augment.mean, std=augment.std)
     checkpoint.save_model(
         directory, host, arch=student_arch, class_names=dataset.class_names, image_size=size, inputs=inputs,
         provenance={**dict(run.provenance or {}), **epoch_provenance},

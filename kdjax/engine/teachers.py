@@ -36,6 +36,9 @@ class Teacher:
     # an ensemble (``ensemble``): its teachers; ``variables`` then holds each architecture's
     # members stacked, ``arch`` and ``model`` are the first's
     members: tuple[Teacher, ...] = ()
+    # its Normalize() statistics, ``(mean, std)``, as its model directory records them (None: its
+    # architecture's input spec): a network trained on CIFAR sees CIFAR's statistics
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def archs(self) -> tuple[str, ...]:
@@ -63,15 +66,21 @@ def ensemble(teachers: Sequence[Teacher]) -> Teacher:
                       for members in groups.values())
     digest = checkpoint.fingerprint({"teachers": np.frombuffer(
         "|".join(t.fingerprint for t in ordered).encode(), np.uint8)})
-    return Teacher(ordered[0].arch, ordered[0].model, variables, digest, tuple(ordered))
+    for arch, members in groups.items():
+        if len({m.normalization for m in members}) > 1:
+            raise ValueError(f"the {arch} teachers of the ensemble normalise their inputs differently "
+                             f"({sorted({str(m.normalization) for m in members})}): one pass per architecture "
+                             f"needs one Normalize()")
+    return Teacher(ordered[0].arch, ordered[0].model, variables, digest, tuple(ordered), ordered[0].normalization)
 
 
 def step_groups(teacher: Teacher, dtype, image_size: int) -> tuple[TeacherGroup, ...]:
     """The ``StepSpec.teacher_groups`` of an ensemble (empty for one teacher)."""
     if not teacher.members:
         return ()
-    return tuple(TeacherGroup(arch, members[0].model.clone(dtype=dtype), network_view(arch, image_size),
-                              len(members)) for arch, members in by_arch(teacher.members).items())
+    return tuple(TeacherGroup(arch, members[0].model.clone(dtype=dtype),
+                              network_view(arch, image_size, members[0].normalization), len(members))
+                 for arch, members in by_arch(teacher.members).items())
 
 
 # --------------------------------------------------------------------------- loading
@@ -113,12 +122,13 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
     training run's directory (its best/) or a PyTorch file of ``arch`` (state_dict or the seed's
     whole pickled model); its classes must be the data's."""
     source = teacher_source(path)
-    fingerprint = None
+    fingerprint = normalization = None
     if source.is_dir():
         meta = checkpoint.read_meta(source)
         if arch is not None and arch != meta.arch:
             raise ValueError(f"--teacher_file {path} holds a {meta.arch}, but --teacher_arch is {arch}")
         arch, fingerprint = meta.arch, meta.fingerprint  # loading checks the weights against it
+        normalization = _recorded_normalization(meta)
     arch = arch or DEFAULT_ARCH
     variables, class_names, _ = weights.load_variables(source, arch)
     outputs = models.num_outputs(arch, variables)
@@ -133,11 +143,21 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
             f"data's {list(dataset.class_names)} (same order required)"
         )
     model = models.create_model(arch, outputs)
-    return Teacher(arch, model, variables, fingerprint or checkpoint.fingerprint(variables))
+    return Teacher(arch, model, variables, fingerprint or checkpoint.fingerprint(variables),
+                   normalization=normalization)
 
 
-def from_variables(arch: str, variables: Any) -> Teacher:
+def _recorded_normalization(meta: checkpoint.ModelMeta):
+    """A model directory's Normalize() statistics where they are not its architecture's."""
+    inputs = models.get(meta.arch).input
+    recorded = (tuple(meta.mean), tuple(meta.std))
+    return None if recorded == (tuple(inputs.mean), tuple(inputs.std)) else recorded
+
+
+def from_variables(arch: str, variables: Any, normalization=None) -> Teacher:
     """A frozen teacher of ``arch`` from its variables (``{'params', 'batch_stats'}``) in Python,
-    fingerprinted as a model directory of them would be."""
+    fingerprinted as a model directory of them would be; ``normalization`` is its ``(mean, std)``
+    where they are not its architecture's."""
     model = models.create_model(arch, models.num_outputs(arch, variables))
-    return Teacher(arch, model, variables, checkpoint.fingerprint(variables))
+    normalization = None if normalization is None else tuple(tuple(float(v) for v in x) for x in normalization)
+    return Teacher(arch, model, variables, checkpoint.fingerprint(variables), normalization=normalization)

@@ -1,4 +1,5 @@
-"""PyTorch side of the CIFAR parity tests: renderings of mdistiller's CIFAR networks
+"""PyTorch side of the CIFAR parity tests (tests/test_cifar_models.py) and of the CIFAR speed
+benchmark (benchmarks/cifar_speed.py): renderings of mdistiller's CIFAR networks
 (``mdistiller/models/cifar/{resnet,wrn,vgg,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py``, the same
 as RepDistiller's ``models/*.py``) written from their published definitions, module for module
 and name for name, each ``forward`` returning ``(logits, feats)`` as mdistiller's does; and
