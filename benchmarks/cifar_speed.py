@@ -16,9 +16,11 @@ padded random crop and a flip, then the student scored on the val images.
   mdistiller's ``kd_loss``; an epoch is the wall time of its train and val passes.
 
 The teacher's weights are random (the same for both: the torch rendering's, converted): speed does
-not depend on them. The first epoch of each side compiles or warms up and is reported apart; the
-figure is the median of the later epochs, images/s over the train split, and the ratio
-kdjax / PyTorch. The PyTorch loop runs on ``torch.get_num_threads()`` threads (``--threads``).
+not depend on them. Each side runs in a fresh process of its own, one after the other (in one
+process, the PyTorch thread pool left from building the networks slowed kdjax's epochs by half). The
+first epoch of each side compiles or warms up and is reported apart; the figure is the median of
+the later epochs, images/s over the train split, and the ratio kdjax / PyTorch. The PyTorch loop
+runs on ``torch.get_num_threads()`` threads (``--threads``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -79,10 +82,16 @@ def kdjax_epochs(args, images: pathlib.Path, teacher: pathlib.Path) -> list[floa
     return [e["seconds"] for e in study.runs[0].metrics["history"]]
 
 
-def torch_epochs(args, images: pathlib.Path, teacher_net, student_net) -> list[float]:
+def torch_epochs(args, images: pathlib.Path) -> list[float]:
     import torch
     import torch.nn.functional as F
     from torchvision import datasets, transforms
+
+    from benchmarks.cifar_torch_reference import rendering, torch_cifar
+
+    teacher_net = rendering(args.teacher, 100)
+    teacher_net.load_state_dict(torch.load(args.work / "teacher.pth"))
+    student_net = torch_cifar(args.student, seed=2, num_classes=100)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,8 +128,6 @@ def torch_epochs(args, images: pathlib.Path, teacher_net, student_net) -> list[f
 
 
 def main(argv=None) -> int:
-    from benchmarks.cifar_torch_reference import torch_cifar
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.cifar_speed", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="resnet32x4")
     p.add_argument("--student", default="resnet8x4")
@@ -131,22 +138,39 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--work", type=pathlib.Path, required=True)
     p.add_argument("--out", type=pathlib.Path, default=None, help="a JSON file for the figures")
-    args = p.parse_args(argv)
+    p.add_argument("--side", choices=("kdjax", "pytorch"), default=None, help=argparse.SUPPRESS)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(raw)
     if args.epochs < 2:
         p.error(f"--epochs {args.epochs}: at least 2 (the first one compiles)")
     if min(args.train, args.val) < 100:
         p.error(f"--train {args.train} --val {args.val}: at least 100 each (an image of every class in each split)")
+    images = args.work / "images"
+    if args.side == "kdjax":
+        print(json.dumps(kdjax_epochs(args, images, args.work / "teacher")))
+        return 0
+    if args.side == "pytorch":
+        print(json.dumps(torch_epochs(args, images)))
+        return 0
+
+    from benchmarks.cifar_torch_reference import torch_cifar
+
     args.work.mkdir(parents=True, exist_ok=True)
     images = write_images(args.work, args.train, args.val, 100)
     class_names = sorted(q.name for q in (images / "train").iterdir())
-    teacher_net = torch_cifar(args.teacher, seed=1, num_classes=100)
-    teacher = teacher_dir(args.work, teacher_net, args.teacher, class_names)
-    sides = {"kdjax": kdjax_epochs(args, images, teacher)}
+    teacher_dir(args.work, torch_cifar(args.teacher, seed=1, num_classes=100), args.teacher, class_names)
+    sides = {}
+    for side in ("kdjax", "pytorch"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.cifar_speed", *raw, "--side", side],
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"cifar_speed: the {side} side failed (exit {out.returncode})")
+        sides[side] = json.loads(out.stdout.strip().splitlines()[-1])
     import torch
 
-    sides["pytorch"] = torch_epochs(args, images, teacher_net, torch_cifar(args.student, seed=2, num_classes=100))
     record = {"teacher": args.teacher, "student": args.student, "train": args.train, "val": args.val,
-              "torch_threads": torch.get_num_threads(), "workers": args.workers}
+              "torch_threads": args.threads or torch.get_num_threads(), "workers": args.workers}
     for side, times in sides.items():
         steady = statistics.median(times[1:])
         record[side] = {"first_epoch_s": round(times[0], 2), "epoch_s": round(steady, 3),
