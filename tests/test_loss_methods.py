@@ -122,6 +122,21 @@ def test_dkd_matches_the_papers_equations(dtype_name, alpha, beta, temperature):
     _logit_case(dtype_name, jax_loss, lambda s, t, y: _torch_dkd(s, t, y, alpha, beta, temperature))
 
 
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+def test_the_plain_functions_meet_the_same_references(dtype_name):
+    """``kdjax.losses.ce/kd/dist/dkd`` on arrays, as a user's own loop calls them, against the
+    references above (values and student-logit gradients, the same tolerances): KDLoss, DISTLoss
+    and DKD's equations."""
+    kd_ref = KDLoss(".", "output", ".", "output", temperature=2.0, alpha=0.3, label_smoothing=0.1)
+    _logit_case(dtype_name, lambda s, t, y: 0.3 * losses.ce(s, y, label_smoothing=0.1)
+                + 0.7 * losses.kd(s, t, temperature=2.0), lambda s, t, y: kd_ref(_io(s), _io(t), y))
+    dist_ref = DISTLoss(".", "output", ".", "output", beta=2.0, gamma=0.5, tau=4.0)
+    _logit_case(dtype_name, lambda s, t, y: losses.dist(s, t, dist_beta=2.0, dist_gamma=0.5, dist_tau=4.0),
+                lambda s, t, y: dist_ref(_io(s), _io(t)))
+    _logit_case(dtype_name, lambda s, t, y: losses.dkd(s, t, y, dkd_alpha=1.0, dkd_beta=8.0, temperature=4.0),
+                lambda s, t, y: _torch_dkd(s, t, y, 1.0, 8.0, 4.0))
+
+
 def test_dkd_weight_warms_up_over_epochs():
     """mdistiller's ``min(epoch / warmup, 1)`` on DKD's weight, epochs counted from 1."""
     s, t, y = (jnp.asarray(a) for a in _logits(1))

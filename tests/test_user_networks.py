@@ -127,6 +127,46 @@ def test_register_from_module_and_their_errors():
         models.get("json:__name__")
 
 
+@pytest.mark.parametrize("teacher_arch, student_arch", [("resnet8", "user_nets:student"),
+                                                         ("user_nets:nnx_student", "resnet8")])
+def test_registered_and_own_networks_teach_each_other_and_resume_exactly(user_nets, tmp_path, teacher_arch,
+                                                                         student_arch):
+    """A registered teacher (a CIFAR ResNet) of the Linen network, and the NNX network (BatchNorm,
+    dropout) as teacher of a registered student, each trained whole: finite figures, and a run
+    interrupted after its first epoch resumes to the uninterrupted run's metrics exactly."""
+    from kdjax import data, engine
+    from kdjax.config import DistillConfig, TrainConfig
+
+    images = make_image_folder(tmp_path / "images", {"train": {"a": 5, "b": 5}, "val": {"a": 2, "b": 2}})
+    dataset = data.load_splits(images, image_size=32, cache_dir=tmp_path / "cache")
+    t_vars = models.init_variables(models.create_model(teacher_arch, 2), jax.random.key(1), 32)
+    teacher = engine.teachers.from_variables(teacher_arch, t_vars)
+    config = TrainConfig(distill=DistillConfig(alpha=0.5, student_train="all"), num_epochs=3, batch_size=4,
+                         image_size=32)
+
+    def student():
+        return models.init_variables(models.create_model(student_arch, 2), jax.random.key(0), 32)
+
+    def train(workdir, on_epoch=None):
+        return engine.train_and_evaluate(engine.Run(config, workdir, student()), dataset, student_arch=student_arch,
+                                         teacher=teacher, on_epoch=on_epoch)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    train(tmp_path / "whole")
+    whole = read_history(tmp_path / "whole")
+    assert len(whole) == 3 and all(np.isfinite(e["train"]["loss"]) and np.isfinite(e["val"]["loss"]) for e in whole)
+    with pytest.raises(Stop):
+        train(tmp_path / "cut", stop)
+    train(tmp_path / "cut")
+    assert read_history(tmp_path / "cut") == whole
+
+
 def _library_blocks(**substitutions) -> list[str]:
     """The README's "As a library" code blocks, with its placeholder paths and sizes replaced."""
     import re
