@@ -99,6 +99,14 @@ class _Headless(nn.Module):
         return nn.Dense(self.num_classes, name="out")(x.mean((1, 2)))
 
 
+class _Features(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Conv(self.num_classes, (3, 3), name="out")(x)  # a map, not pooled logits
+
+
 def test_register_from_module_and_their_errors():
     with pytest.raises(ValueError, match="'resnet18' is one of kdjax's own architectures"):
         models.register("resnet18", models.UserSpec(_Headless))
@@ -114,6 +122,16 @@ def test_register_from_module_and_their_errors():
             model.apply(variables, jnp.zeros((1, 8, 8, 3)), taps=True)
         np.testing.assert_allclose(model.apply(variables, jnp.ones((2, 8, 8, 3))),
                                    _Headless(3).apply(variables, jnp.ones((2, 8, 8, 3))))  # its own variables
+    finally:
+        del models.ARCHS[name]
+    name = models.from_module(_Features(5), head="fc")
+    try:
+        with pytest.raises(ValueError, match=r"_Features returned shape \(1, 8, 8, 3\), not \[batch, num_classes\] = "
+                                             r"\[1, 3\] logits"):
+            models.init_variables(models.create_model(name, 3), jax.random.key(0), 8)
+        with pytest.raises(ValueError, match=r"its head 'fc' \(UserSpec.head\) is not a top-level entry of its "
+                                             r"params, which holds \['out'\]"):
+            models.head_params(name, {"out": {}})
     finally:
         del models.ARCHS[name]
     with pytest.raises(ValueError, match=r"network 'kdjax_no_such_pkg:build': its module 'kdjax_no_such_pkg' cannot "

@@ -82,6 +82,15 @@ def _require_head(arch: str) -> str:
     return head
 
 
+def _head_of(arch: str, params: Mapping) -> str:
+    """``arch``'s head, checked to be a top-level entry of ``params``."""
+    head = _require_head(arch)
+    if head not in params:
+        raise ValueError(f"network {arch!r}: its head {head!r} (UserSpec.head) is not a top-level entry of its "
+                         f"params, which holds {sorted(params)}; name the classifier's submodule")
+    return head
+
+
 def create_model(arch: str, num_classes: int, dtype: Dtype = np.float32) -> nn.Module:
     """The flax module of ``arch`` with a ``num_classes``-way head, computing in ``dtype``."""
     spec = get(arch)
@@ -92,7 +101,7 @@ def create_model(arch: str, num_classes: int, dtype: Dtype = np.float32) -> nn.M
 
 def head_params(arch: str, params: Mapping) -> dict:
     """``{head: params[head]}``: what the head-only student modes optimise."""
-    head = _require_head(arch)
+    head = _head_of(arch, params)
     return {head: params[head]}
 
 
@@ -106,7 +115,7 @@ def without_head(arch: str, tree: Mapping) -> dict:
 
 def num_outputs(arch: str, variables: Mapping) -> int:
     """The number of classes the head of ``variables`` (``{'params': ...}``) predicts."""
-    head = variables["params"][_require_head(arch)]
+    head = variables["params"][_head_of(arch, variables["params"])]
     return int(np.shape(head["bias"] if "bias" in head else head["kernel"])[-1])
 
 

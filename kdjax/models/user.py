@@ -93,7 +93,7 @@ class UserNetwork(nn.Module):
     def __call__(self, x, train: bool = False, mask=None, taps: bool = False):
         del mask  # the user's BatchNorm takes none
         if not taps:
-            return self.net(x, train=train)
+            return self._logits(self.net(x, train=train), x)
         wanted = {path: name for name, path in self.tap_paths}
         got: dict[str, jax.Array] = {}
 
@@ -111,7 +111,17 @@ class UserNetwork(nn.Module):
             raise ValueError(f"taps {missing} of this network were not produced: no submodule at "
                              f"{[p for p, n in wanted.items() if n in missing]} was called (submodule paths are "
                              "their names in params, joined by '/')")
-        return logits, got
+        return self._logits(logits, x), got
+
+    def _logits(self, out, x):
+        """``out`` if it is ``[batch, num_classes]`` logits; else a ValueError saying what came."""
+        shape = getattr(out, "shape", None)
+        if shape is None or tuple(shape) != (x.shape[0], self.num_classes):
+            what = f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+            raise ValueError(f"{type(self.net).__name__} returned {what}, not [batch, num_classes] = [{x.shape[0]}, "
+                             f"{self.num_classes}] logits: its __call__(x, train) must return the classifier's "
+                             "outputs (pool and flatten inside it; features go to UserSpec.taps)")
+        return out
 
 
 def _backbone_unavailable(module: nn.Module) -> nn.Module:
