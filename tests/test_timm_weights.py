@@ -247,9 +247,10 @@ def test_convert_records_the_tags_pretrained_cfg(tmp_path, r18, capsys):
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), variables, want))
 
 
-def test_convert_records_other_statistics_and_says_the_engine_ignores_them(tmp_path):
+def test_convert_records_other_statistics_which_a_teacher_sees(tmp_path):
     """The MIIL MobileNetV3 expects pixels in [0, 1] unnormalised, bilinear; its BatchNorm eps is
-    folded; both are noted."""
+    folded; both are noted, the statistics with the flags a student needs for them; a teacher
+    read from the model directory normalises with them."""
     torch.manual_seed(0)
     net = timm.create_model("mobilenetv3_large_100", pretrained=False, num_classes=1000)
     torch.save(net.state_dict(), tmp_path / "miil.pth")
@@ -257,7 +258,11 @@ def test_convert_records_other_statistics_and_says_the_engine_ignores_them(tmp_p
     assert meta.arch == "mobilenet_v3_large" and meta.interpolation == "bilinear"
     assert (meta.mean, meta.std, meta.resize_size) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 256)
     notes = json.loads((tmp_path / "out" / checkpoint.META_FILE).read_text())["provenance"]["notes"]
-    assert len(notes) == 2 and "eps 1e-05 is folded" in notes[0] and "ImageNet's statistics" in notes[1]
+    assert len(notes) == 2 and "eps 1e-05 is folded" in notes[0] and "a teacher read from" in notes[1]
+    assert "unless --mean 0 0 0 --std 1 1 1 are given" in notes[1]
+    from kdjax.engine import teachers
+
+    assert teachers.recorded_normalization(checkpoint.read_meta(tmp_path / "out")) == ((0.0,) * 3, (1.0,) * 3)
     assert meta.provenance["bce_head"] is False
 
 

@@ -128,7 +128,7 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
         if arch is not None and arch != meta.arch:
             raise ValueError(f"--teacher_file {path} holds a {meta.arch}, but --teacher_arch is {arch}")
         arch, fingerprint = meta.arch, meta.fingerprint  # loading checks the weights against it
-        normalization = _recorded_normalization(meta)
+        normalization = recorded_normalization(meta)
     arch = arch or DEFAULT_ARCH
     variables, class_names, _ = weights.load_variables(source, arch)
     outputs = models.num_outputs(arch, variables)
@@ -147,7 +147,7 @@ def load_teacher(path: str | pathlib.Path, dataset: data.Dataset, arch: str | No
                    normalization=normalization)
 
 
-def _recorded_normalization(meta: checkpoint.ModelMeta):
+def recorded_normalization(meta: checkpoint.ModelMeta):
     """A model directory's Normalize() statistics where they are not its architecture's."""
     inputs = models.get(meta.arch).input
     recorded = (tuple(meta.mean), tuple(meta.std))

@@ -299,9 +299,11 @@ def notes(w: TimmWeights) -> dict[str, str]:
                          "where the batch variance equals the running one")
     spec = registry.get(w.arch).input
     if (tuple(w.mean), tuple(w.std)) != (tuple(spec.mean), tuple(spec.std)):
-        out["normalize"] = (f"{w.tag} expects Normalize(mean={list(w.mean)}, std={list(w.std)}) (meta.json "
-                            f"records it), but kdjax's training engine feeds a {w.arch} teacher or student "
-                            f"ImageNet's statistics")
+        out["normalize"] = (f"{w.tag} expects Normalize(mean={list(w.mean)}, std={list(w.std)}): meta.json "
+                            f"records it and a teacher read from this model directory sees it; a student "
+                            f"started from it sees {w.arch}'s own statistics unless --mean "
+                            f"{' '.join(f'{v:g}' for v in w.mean)} --std {' '.join(f'{v:g}' for v in w.std)} "
+                            f"are given")
     if "nc" in w.license.split("-"):
         out["license"] = f"{w.tag} is licensed {w.license}: non-commercial use only"
     return out
